@@ -147,12 +147,13 @@ def run(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, opt: Option
         dx = torch.zeros_like(x)
         ab = torch.zeros(B, 2, L, dtype=acc, device=dev)
         scal = torch.empty(B, 4, dtype=acc, device=dev)
+        sq = scal[:, 2:]
         for e in range(n_evals):
             fx = f(x)
             st.nfe += 1
             n_valid = min(st.n_updates, L)
             ops.broyden_dots(x, fx, g, dx, U, V, ab, scal, n_valid)
-            status(scal[:, 2:], e)
+            status(sq, e)
             if e == 0 or e == n_evals - 1:
                 # first step: H = -I, a plain fixed-point step; last: only keep the best
                 torch.where(improved[:, None], x, st.best, out=st.best)

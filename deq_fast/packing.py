@@ -59,13 +59,15 @@ class Packer:
             raise ValueError(f"{what} returned shapes {shapes if shapes is not None else type(x).__name__}, "
                              f"expected {self.shapes} (the shapes of {self.name})")
         if len(parts) == 1:
-            return parts[0].reshape(self.batch, self.dim)
+            p = parts[0]
+            # already (B, D): no reshape, so no op dispatched per solver iteration
+            return p if p.dim() == 2 and p.shape[1] == self.dim else p.reshape(self.batch, self.dim)
         return torch.cat([p.reshape(self.batch, -1) for p in parts], dim=1)
 
     def unpack(self, flat: torch.Tensor) -> State:
         """Views of ``flat`` (``(B, D)``) with this structure."""
         if self.is_tensor:
-            return flat.view(self.shapes[0])
+            return flat if flat.shape == self.shapes[0] else flat.view(self.shapes[0])
         parts = flat.split(self.sizes, dim=1)
         out = [p.reshape(s) for p, s in zip(parts, self.shapes)]
         return self.sequence_type(out) if self.sequence_type in (tuple, list) else tuple(out)
@@ -75,8 +77,8 @@ class Packer:
         (a cheap Python comparison of shapes)."""
         def flat_f(x: torch.Tensor) -> torch.Tensor:
             out = self.pack(f(self.unpack(x)), what=name)
-            if out.dtype != self.dtype:
-                raise ValueError(f"{name} returned dtype {out.dtype}, expected {self.dtype} "
-                                 f"(the dtype of {self.name})")
+            if out.dtype != self.dtype or out.device != self.device:
+                raise ValueError(f"{name} returned dtype {out.dtype} on {out.device}, expected "
+                                 f"{self.dtype} on {self.device} (those of {self.name})")
             return out
         return flat_f

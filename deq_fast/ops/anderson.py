@@ -24,8 +24,11 @@ Together (2m + 4)·B·D·size per iteration, against about 62·B·D·4 for Torch
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from deq_fast.ops._views import view
 from deq_fast.ops.lstsq import anderson_lstsq
 
 __all__ = ["anderson_residual_reference", "anderson_mix_reference"]
@@ -33,33 +36,40 @@ __all__ = ["anderson_residual_reference", "anderson_mix_reference"]
 
 def anderson_residual_reference(x: torch.Tensor, fx: torch.Tensor, F: torch.Tensor,
                                 G: torch.Tensor, gram: torch.Tensor, sq: torch.Tensor,
-                                slot: int) -> None:
-    """Pure-torch pass 1 (in place; see the module docstring)."""
-    F[:, slot] = fx
-    g = G[:, slot]
+                                slot: int, cache: Optional[dict] = None) -> None:
+    """Pure-torch pass 1 (in place; see the module docstring). ``cache``: see ``_views``."""
+    B, m, _ = F.shape
+    view(cache, F, slot, lambda: F[:, slot]).copy_(fx)
+    g = view(cache, G, slot, lambda: G[:, slot])
     torch.sub(fx, x, out=g)
+    row = view(cache, gram, "row", lambda: torch.empty(B, m, 1, dtype=gram.dtype, device=gram.device))
     if G.dtype == gram.dtype:
-        row = torch.bmm(G, g.unsqueeze(2)).squeeze(2)                   # [B, m]
-        fn = torch.linalg.vector_norm(fx, dim=1)
+        torch.bmm(G, view(cache, G, ("col", slot), lambda: g.unsqueeze(2)), out=row)
     else:                                                               # half states: accumulate in fp32
-        row = torch.bmm(G.to(gram.dtype), g.to(gram.dtype).unsqueeze(2)).squeeze(2)
-        fn = torch.linalg.vector_norm(fx, dim=1, dtype=gram.dtype)
-    gram[:, slot] = row
-    gram[:, :, slot] = row
-    sq[:, 0] = row[:, slot]
-    sq[:, 1] = fn.square_()
+        torch.bmm(G.to(gram.dtype), g.to(gram.dtype).unsqueeze(2), out=row)
+    view(cache, gram, ("c", slot), lambda: gram[:, :, slot:slot + 1]).copy_(row)
+    view(cache, gram, ("r", slot), lambda: gram[:, slot:slot + 1, :]).copy_(
+        view(cache, row, "t", lambda: row.transpose(1, 2)))
+    view(cache, sq, 0, lambda: sq[:, 0]).copy_(view(cache, row, slot, lambda: row[:, slot, 0]))
+    torch.linalg.vector_norm(fx, dim=1, dtype=sq.dtype, out=view(cache, sq, 1, lambda: sq[:, 1])).square_()
 
 
 def anderson_mix_reference(F: torch.Tensor, G: torch.Tensor, gram: torch.Tensor, x: torch.Tensor,
                            best: torch.Tensor, improved: torch.Tensor, n: int, newest: int,
-                           lam: float, scaled: bool, beta: float, keep_f: bool) -> None:
-    """Pure-torch pass 2 (in place; see the module docstring)."""
-    torch.where(improved[:, None], F[:, newest] if keep_f else x, best, out=best)
+                           lam: float, scaled: bool, beta: float, keep_f: bool,
+                           cache: Optional[dict] = None) -> None:
+    """Pure-torch pass 2 (in place; see the module docstring). ``cache``: see ``_views``."""
+    src = view(cache, F, newest, lambda: F[:, newest]) if keep_f else x
+    imp = view(cache, improved, "col", lambda: improved[:, None])
+    torch.where(imp, src, best, out=best)
     if n == 0:
         return
-    alpha = anderson_lstsq(gram, n, newest, lam, scaled)[:, None, :n]      # [B, 1, n]
+    B, m, _ = F.shape
+    # alpha is zero beyond n and unwritten ring slots are zero: mix over all m slots
+    alpha = anderson_lstsq(gram, n, newest, lam, scaled).view(B, 1, m)
     if F.dtype != alpha.dtype:
         alpha = alpha.to(F.dtype)
-    torch.bmm(alpha, F[:, :n], out=x.unsqueeze(1))
+    x_row = view(cache, x, "row", lambda: x.unsqueeze(1))
+    torch.bmm(alpha, F, out=x_row)
     if beta != 1.0:
-        x.unsqueeze(1).baddbmm_(alpha, G[:, :n], alpha=beta - 1.0)
+        x_row.baddbmm_(alpha, G, alpha=beta - 1.0)

@@ -29,53 +29,97 @@ Together about (4L + 11)·B·D·size per iteration once the ring is full; TorchD
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from deq_fast.ops._views import view
 
 __all__ = ["broyden_dots_reference", "broyden_update_reference"]
 
 
+def _bucket(n_valid: int, L: int) -> int:
+    """``n_valid`` rounded up to a multiple of 4 (at most ``L``): unwritten ring slots are zero, so
+    the products are unchanged, and the torch path reuses its cached ring views for 4 iterations (at most 3 zero slots of extra work)."""
+    return min(L, -(-n_valid // 4) * 4)
+
+
 def broyden_dots_reference(x: torch.Tensor, fx: torch.Tensor, g: torch.Tensor, dx: torch.Tensor,
                            U: torch.Tensor, V: torch.Tensor, ab: torch.Tensor, scal: torch.Tensor,
-                           n_valid: int) -> None:
-    """Pure-torch pass 1 (in place; see the module docstring)."""
+                           n_valid: int, cache: Optional[dict] = None) -> None:
+    """Pure-torch pass 1 (in place; see the module docstring). ``cache``: see ``_views``."""
     torch.sub(fx, x, out=g)
     acc = ab.dtype
-    if n_valid > 0:
+    n = _bucket(n_valid, U.shape[1])
+    if n > 0:
+        a = view(cache, ab, (0, n), lambda: ab[:, 0, :n, None])
+        b = view(cache, ab, (1, n), lambda: ab[:, 1, :n, None])
         if U.dtype == acc:
-            ab[:, 0, :n_valid] = torch.bmm(U[:, :n_valid], dx[:, :, None]).squeeze(2)
-            ab[:, 1, :n_valid] = torch.bmm(V[:, :n_valid], g[:, :, None]).squeeze(2)
-        else:
-            ab[:, 0, :n_valid] = torch.bmm(U[:, :n_valid].to(acc), dx[:, :, None].to(acc)).squeeze(2)
-            ab[:, 1, :n_valid] = torch.bmm(V[:, :n_valid].to(acc), g[:, :, None].to(acc)).squeeze(2)
-    d, gg, ff = (dx, g, fx) if x.dtype == acc else (dx.to(acc), g.to(acc), fx.to(acc))
-    torch.stack((torch.linalg.vecdot(d, gg), torch.linalg.vecdot(d, d),
-                 torch.linalg.vecdot(gg, gg), torch.linalg.vecdot(ff, ff)), dim=1, out=scal)
+            torch.bmm(view(cache, U, n, lambda: U[:, :n]), view(cache, dx, "col", lambda: dx[:, :, None]),
+                      out=a)
+            torch.bmm(view(cache, V, n, lambda: V[:, :n]), view(cache, g, "col", lambda: g[:, :, None]),
+                      out=b)
+        else:                                                      # half states: accumulate in fp32
+            a.copy_(torch.bmm(U[:, :n].to(acc), dx[:, :, None].to(acc)))
+            b.copy_(torch.bmm(V[:, :n].to(acc), g[:, :, None].to(acc)))
+    if x.dtype == acc:
+        torch.bmm(view(cache, dx, "row", lambda: dx[:, None]), view(cache, g, "col", lambda: g[:, :, None]),
+                  out=view(cache, scal, "c0", lambda: scal[:, 0:1, None]))
+        d, gg, ff = dx, g, fx
+    else:
+        d, gg, ff = dx.to(acc), g.to(acc), fx.to(acc)
+        scal[:, 0] = torch.linalg.vecdot(d, gg)
+    torch.linalg.vector_norm(d, dim=1, out=view(cache, scal, 1, lambda: scal[:, 1]))
+    torch.linalg.vector_norm(gg, dim=1, out=view(cache, scal, 2, lambda: scal[:, 2]))
+    torch.linalg.vector_norm(ff, dim=1, out=view(cache, scal, 3, lambda: scal[:, 3]))
+    view(cache, scal, "norms", lambda: scal[:, 1:]).square_()
 
 
 def broyden_update_reference(x: torch.Tensor, g: torch.Tensor, dx: torch.Tensor, U: torch.Tensor,
                              V: torch.Tensor, ab: torch.Tensor, scal: torch.Tensor,
                              best: torch.Tensor, improved: torch.Tensor, active: torch.Tensor,
-                             slot: int, n_valid: int) -> None:
-    """Pure-torch pass 2 (in place; see the module docstring)."""
-    torch.where(improved[:, None], x, best, out=best)
-    dt = x.dtype
-    a, b = ab[:, 0, :n_valid], ab[:, 1, :n_valid]
-    ab_dot = (a * b).sum(1)
-    vg = ab_dot - scal[:, 0]                                             # <v, g>
-    den = vg + scal[:, 1]                                                # <v, dg>
-    if n_valid > 0:
-        hg = torch.bmm(b[:, None].to(dt), U[:, :n_valid]).squeeze(1).sub_(g)   # H g
-        v = torch.bmm(a[:, None].to(dt), V[:, :n_valid]).squeeze(1).sub_(dx)   # v
+                             slot: int, n_valid: int, cache: Optional[dict] = None) -> None:
+    """Pure-torch pass 2 (in place; see the module docstring). ``cache``: see ``_views``.
+
+    Works with ``nhg = -H g`` and ``v = sum_l a_l V_l - dx`` so each is one ``baddbmm``.
+    """
+    B, D = x.shape
+    dt, acc = x.dtype, ab.dtype
+    torch.where(view(cache, improved, "col", lambda: improved[:, None]), x, best, out=best)
+    buf = view(cache, ab, "buf", lambda: torch.empty(3, B, D, dtype=dt, device=x.device))
+    nhg, v, u = view(cache, buf, "rows", lambda: tuple(r[:, None] for r in buf.unbind(0)))  # [B, 1, D]
+    sc = view(cache, ab, "scalars", lambda: torch.empty(2, B, 1, 1, dtype=acc, device=x.device))
+    vg, den = view(cache, sc, "rows", lambda: sc.unbind(0))                                 # [B, 1, 1]
+    g_row = view(cache, g, "row", lambda: g[:, None])
+    dx_row = view(cache, dx, "row", lambda: dx[:, None])
+    n = _bucket(n_valid, U.shape[1])
+    if n > 0:
+        a = view(cache, ab, ("a", n), lambda: ab[:, 0:1, :n])                   # [B, 1, n]
+        b = view(cache, ab, ("b", n), lambda: ab[:, 1:2, :n])
+        torch.bmm(a, view(cache, ab, ("bT", n), lambda: b.transpose(1, 2)), out=vg)   # <a, b>
+        if dt == acc:
+            Un, Vn = view(cache, U, n, lambda: U[:, :n]), view(cache, V, n, lambda: V[:, :n])
+            torch.baddbmm(g_row, b, Un, alpha=-1.0, out=nhg)                     # -H g = g - b U
+            torch.baddbmm(dx_row, a, Vn, beta=-1.0, out=v)                       # v = a V - dx
+        else:
+            torch.sub(g_row, torch.bmm(b.to(dt), U[:, :n]), out=nhg)
+            torch.sub(torch.bmm(a.to(dt), V[:, :n]), dx_row, out=v)
     else:
-        hg, v = -g, -dx
-    u = hg / (-den[:, None]).to(dt)
+        vg.zero_()
+        nhg.copy_(g_row)
+        torch.neg(dx_row, out=v)
+    vg.sub_(view(cache, scal, "c0", lambda: scal[:, 0:1, None]))                 # <v, g>
+    torch.add(vg, view(cache, scal, "c1", lambda: scal[:, 1:2, None]), out=den)  # <v, dg>
+    # u = (dx - H dg) / den = -H g / den   (H dg = H g + dx); NaN entries set to 0 as the references
+    torch.div(nhg, den if dt == acc else den.to(dt), out=u)
     torch.nan_to_num_(u, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
-    torch.nan_to_num_(v, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
-    # H' g = H g - b_s U_s(old) + <v, g> u  (the evicted slot's term, when the ring wraps)
-    upd = hg.addcmul_(u, vg[:, None].to(dt))
+    # -H' g = -H g - <v, g> u + b_s U_s(old)   (the evicted slot's term, once the ring wraps)
+    upd = nhg.addcmul_(u, vg if dt == acc else vg.to(dt), value=-1.0)
+    u_s = view(cache, U, ("s", slot), lambda: U[:, slot:slot + 1])
     if slot < n_valid:
-        upd.sub_(U[:, slot] * b[:, slot, None].to(dt))
-    U[:, slot] = u
-    V[:, slot] = v
-    torch.neg(upd.masked_fill_(~active[:, None], 0.0), out=dx)
+        upd.addcmul_(u_s, view(cache, ab, ("bs", slot), lambda: ab[:, 1:2, slot:slot + 1]).to(dt))
+    u_s.copy_(u)
+    view(cache, V, ("s", slot), lambda: V[:, slot:slot + 1]).copy_(v)
+    zero = view(cache, dx, "zero", lambda: dx.new_zeros(()))
+    torch.where(view(cache, active, "col3", lambda: active[:, None, None]), upd, zero, out=dx_row)
     x += dx

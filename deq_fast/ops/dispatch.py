@@ -25,11 +25,20 @@ REFERENCE = types.SimpleNamespace(
     track_status=track_status_reference)
 
 
-@functools.lru_cache(maxsize=None)
 def get_ops(backend: str) -> types.SimpleNamespace:
-    """Namespace of the seven fused ops for a resolved backend (``'torch'`` or ``'triton'``)."""
+    """Namespace of the seven fused ops for a resolved backend (``'torch'`` or ``'triton'``).
+
+    Call it once per solve: the torch ops share a fresh view cache (``deq_fast.ops._views``).
+    """
     if backend == "torch":
-        return REFERENCE
+        cache: dict = {}
+        return types.SimpleNamespace(**{n: functools.partial(getattr(REFERENCE, n), cache=cache)
+                                        for n in OP_NAMES})
+    return _registered(backend)
+
+
+@functools.lru_cache(maxsize=None)
+def _registered(backend: str) -> types.SimpleNamespace:
     if backend == "triton":
         import torch
 

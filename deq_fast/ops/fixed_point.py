@@ -13,22 +13,28 @@
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from deq_fast.ops._views import view
 
 __all__ = ["residual_norms_reference", "fixed_point_advance_reference"]
 
 
-def residual_norms_reference(x: torch.Tensor, fx: torch.Tensor, sq: torch.Tensor) -> None:
-    """Pure-torch residual norms (in place into ``sq [B, 2]``)."""
+def residual_norms_reference(x: torch.Tensor, fx: torch.Tensor, sq: torch.Tensor,
+                             cache: Optional[dict] = None) -> None:
+    """Pure-torch residual norms (in place into ``sq [B, 2]``). ``cache``: see ``_views``."""
     acc = sq.dtype
-    g = fx - x
-    if g.dtype != acc:
-        g, fx = g.to(acc), fx.to(acc)
-    torch.stack((torch.linalg.vecdot(g, g), torch.linalg.vecdot(fx, fx)), dim=1, out=sq)
+    g = torch.sub(fx, x) if fx.dtype == acc else torch.sub(fx, x).to(acc)
+    torch.linalg.vector_norm(g, dim=1, dtype=acc, out=view(cache, sq, 0, lambda: sq[:, 0]))
+    torch.linalg.vector_norm(fx, dim=1, dtype=acc, out=view(cache, sq, 1, lambda: sq[:, 1]))
+    sq.square_()
 
 
 def fixed_point_advance_reference(x: torch.Tensor, fx: torch.Tensor, best: torch.Tensor,
-                                  improved: torch.Tensor, active: torch.Tensor) -> None:
-    """Pure-torch advance (in place; see the module docstring)."""
-    torch.where(improved[:, None], fx, best, out=best)
-    torch.where(active[:, None], fx, x, out=x)
+                                  improved: torch.Tensor, active: torch.Tensor,
+                                  cache: Optional[dict] = None) -> None:
+    """Pure-torch advance (in place; see the module docstring). ``cache``: see ``_views``."""
+    torch.where(view(cache, improved, "col", lambda: improved[:, None]), fx, best, out=best)
+    torch.where(view(cache, active, "col", lambda: active[:, None]), fx, x, out=x)

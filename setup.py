@@ -1,0 +1,82 @@
+"""Build of deq_fast: the Python packages plus the optional compiled extension ``deq_fast._C``.
+
+Install against the torch that is already installed (an isolated build environment would download
+a multi-GB CUDA torch):
+
+    pip install --no-build-isolation -e .        # development
+    pip install --no-build-isolation .
+
+Extension (``deq_fast._C``):
+    * CPU ops from every ``csrc/*.cpp`` (always);
+    * plus every ``csrc/*.cu`` (CUDAExtension) when the installed torch is a CUDA build and nvcc is
+      found (``CUDA_HOME``), or when ``DEQ_FAST_FORCE_CUDA=1``. Without a GPU on the build machine
+      also set ``TORCH_CUDA_ARCH_LIST`` (e.g. "8.0;9.0") and ``CUDA_HOME``;
+    * ``DEQ_FAST_NO_EXT=1`` skips it: a pure-Python install that uses the reference path. A build
+      environment without torch does the same, with a warning.
+    * ``MAX_JOBS`` limits parallel compile jobs (ninja).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0") == "1"
+
+
+def _sources(pattern: str) -> list[str]:
+    # setuptools wants paths relative to setup.py
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", pattern)))
+
+
+def _extensions() -> tuple[list, dict]:
+    if _flag("DEQ_FAST_NO_EXT"):
+        print("deq_fast: DEQ_FAST_NO_EXT=1, building without deq_fast._C", file=sys.stderr)
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as exc:
+        print(f"deq_fast: WARNING: torch is not importable in the build environment ({exc}); "
+              "building without deq_fast._C. Install torch first and build with "
+              "`pip install --no-build-isolation .`", file=sys.stderr)
+        return [], {}
+    use_cuda = _flag("DEQ_FAST_FORCE_CUDA") or (
+        torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+        and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")))
+    sources = _sources("*.cpp")
+    # -g0 overrides the -g of Python's CFLAGS: without it the .so carries ~9 MB of debug info
+    compile_args = {"cxx": ["-O3", "-g0"]}
+    if use_cuda:
+        sources += _sources("*.cu")
+        compile_args["nvcc"] = ["-O3"]
+        ext = cpp_extension.CUDAExtension("deq_fast._C", sources, extra_compile_args=compile_args)
+    else:
+        ext = cpp_extension.CppExtension("deq_fast._C", sources, extra_compile_args=compile_args)
+    print(f"deq_fast: building deq_fast._C ({'CPU+CUDA' if use_cuda else 'CPU'}) from "
+          f"{len(sources)} sources", file=sys.stderr)
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+def _packages() -> list[str]:
+    packages = find_packages(include=["deq_fast", "deq_fast.*"])
+    # top-level kernels/ is installed as deq_fast.kernels (never as a top-level `kernels`)
+    packages += ["deq_fast.kernels"] + [
+        "deq_fast.kernels." + p for p in find_packages(where=os.path.join(HERE, "kernels"))]
+    return packages
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=_packages(),
+    package_dir={"deq_fast": "deq_fast", "deq_fast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
