@@ -20,8 +20,9 @@ Pass 1, ``broyden_dots(x, fx, g, dx, U, V, ab, scal, n_valid)``: ``g = fx - x`` 
 -> (2·n_valid + 4)·B·D·size.
 
 Pass 2, ``broyden_update(x, g, dx, U, V, ab, scal, best, improved, active, slot, n_valid)``:
-``best = x`` where improved; writes ``U[:, slot] = u``, ``V[:, slot] = v``; ``dx = upd'`` (zero
-for samples no longer active, so they stay put); ``x += dx``. Bytes: read g, dx, x and ``n_valid``
+``best = x`` where improved; writes ``U[:, slot] = u``, ``V[:, slot] = v`` and ``dx = upd'`` for
+active samples (a stopped sample keeps its factors and gets ``dx = 0``, so it stays put);
+``x += dx``. Bytes: read g, dx, x and ``n_valid``
 rows of U and V; write u, v, dx, x -> (2·n_valid + 7)·B·D·size.
 
 Together about (4L + 11)·B·D·size per iteration once the ring is full; TorchDEQ computes three
@@ -118,8 +119,10 @@ def broyden_update_reference(x: torch.Tensor, g: torch.Tensor, dx: torch.Tensor,
     u_s = view(cache, U, ("s", slot), lambda: U[:, slot:slot + 1])
     if slot < n_valid:
         upd.addcmul_(u_s, view(cache, ab, ("bs", slot), lambda: ab[:, 1:2, slot:slot + 1]).to(dt))
-    u_s.copy_(u)
-    view(cache, V, ("s", slot), lambda: V[:, slot:slot + 1]).copy_(v)
-    zero = view(cache, dx, "zero", lambda: dx.new_zeros(()))
-    torch.where(view(cache, active, "col3", lambda: active[:, None, None]), upd, zero, out=dx_row)
+    # a stopped sample keeps its factors (they are returned for the backward pass) and stays put
+    act = view(cache, active, "col3", lambda: active[:, None, None])
+    torch.where(act, u, u_s, out=u_s)
+    v_s = view(cache, V, ("s", slot), lambda: V[:, slot:slot + 1])
+    torch.where(act, v, v_s, out=v_s)
+    torch.where(act, upd, view(cache, dx, "zero", lambda: dx.new_zeros(())), out=dx_row)
     x += dx
