@@ -28,7 +28,7 @@ _EXPORTS = {
     "extension_status": "deq_fast._ext", "triton_status": "deq_fast._backend",
     # DEQ module and utilities
     "get_deq": "deq_fast.deq", "reset_deq": "deq_fast.deq", "DEQ": "deq_fast.deq",
-    "add_deq_args": "deq_fast.deq",
+    "add_deq_args": "deq_fast.deq", "BackwardNotConverged": "deq_fast.deq",
     "implicit_backward": "deq_fast.backward",
     "jac_reg": "deq_fast.utils", "power_method": "deq_fast.utils",
     "fp_correction": "deq_fast.utils", "mixed_init": "deq_fast.utils",

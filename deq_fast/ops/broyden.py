@@ -111,9 +111,10 @@ def broyden_update_reference(x: torch.Tensor, g: torch.Tensor, dx: torch.Tensor,
         torch.neg(dx_row, out=v)
     vg.sub_(view(cache, scal, "c0", lambda: scal[:, 0:1, None]))                 # <v, g>
     torch.add(vg, view(cache, scal, "c1", lambda: scal[:, 1:2, None]), out=den)  # <v, dg>
-    # u = (dx - H dg) / den = -H g / den   (H dg = H g + dx); NaN entries set to 0 as the references
+    # u = (dx - H dg) / den = -H g / den   (H dg = H g + dx). The references zero NaN entries of u;
+    # we zero infinite ones too (den = 0): the update then adds nothing instead of poisoning H
     torch.div(nhg, den if dt == acc else den.to(dt), out=u)
-    torch.nan_to_num_(u, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+    torch.nan_to_num_(u, nan=0.0, posinf=0.0, neginf=0.0)
     # -H' g = -H g - <v, g> u + b_s U_s(old)   (the evicted slot's term, once the ring wraps)
     upd = nhg.addcmul_(u, vg if dt == acc else vg.to(dt), value=-1.0)
     u_s = view(cache, U, ("s", slot), lambda: U[:, slot:slot + 1])
