@@ -1,0 +1,26 @@
+"""Fused Triton kernels of the deq_fast solver engine (installed as ``deq_fast.kernels``).
+
+One module per reference module of ``deq_fast/ops``: each holds the kernels ``_<op>_kernel`` (math,
+shapes, accumulation dtype and bytes moved in their docstrings) and the launchers ``<op>(...)``,
+which validate their arguments, launch exactly one kernel and never synchronise with the host.
+This package imports only torch and triton; the rest of deq_fast reaches it through the custom ops
+registered in ``deq_fast/ops/registered.py``. Under ``TRITON_INTERPRET=1`` (set before this package
+is imported) the kernels run on CPU tensors.
+"""
+from .anderson import (_anderson_mix_kernel, _anderson_residual_kernel, anderson_mix,
+                       anderson_residual)
+from .broyden import _broyden_dots_kernel, _broyden_update_kernel, broyden_dots, broyden_update
+from .fixed_point import (_fixed_point_advance_kernel, _residual_norms_kernel, fixed_point_advance,
+                          residual_norms)
+from .status import _track_status_kernel, track_status
+
+__all__ = ["anderson_residual", "anderson_mix", "broyden_dots", "broyden_update", "residual_norms",
+           "fixed_point_advance", "track_status", "KERNELS"]
+
+# op name -> its Triton kernel (for ahead-of-time compilation checks)
+KERNELS = {
+    "anderson_residual": _anderson_residual_kernel, "anderson_mix": _anderson_mix_kernel,
+    "broyden_dots": _broyden_dots_kernel, "broyden_update": _broyden_update_kernel,
+    "residual_norms": _residual_norms_kernel, "fixed_point_advance": _fixed_point_advance_kernel,
+    "track_status": _track_status_kernel,
+}

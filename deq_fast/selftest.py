@@ -1,0 +1,259 @@
+"""``python -m deq_fast.selftest``: every Triton kernel against its torch reference, here.
+
+On a CUDA machine the compiled kernels run on the GPU; without one they run on CPU tensors under
+Triton's interpreter (``TRITON_INTERPRET=1``, set here when absent, before Triton is imported).
+Prints one row per (op, shape, dtype): the max absolute error against the pure-torch reference
+(``deq_fast/ops``), the tolerance (per dtype, scaled by the reference's magnitude when above 1)
+and PASS/FAIL; then a short end-to-end solve per method with ``backend='triton'`` against
+``backend='torch'``. With ``--timing`` (CUDA only) it adds the time per call of the kernel and of
+the torch reference. Exit code 0 when every row passes, 1 otherwise, 2 when the kernels cannot run.
+
+Example:
+    $ python -m deq_fast.selftest                 # CUDA: compiled kernels; CPU: the interpreter
+    $ python -m deq_fast.selftest --timing        # + microseconds per call (CUDA)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+import zlib
+from typing import Callable, Optional
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+__all__ = ["main", "run_kernel_checks", "run_solve_checks"]
+
+NAN = float("nan")
+# max |kernel - reference| <= TOL * max(max |reference|, 1). bf16: the interpreter rounds
+# float32 -> bfloat16 by truncation where torch rounds to nearest (one bf16 ulp, 2^-7).
+TOL = {torch.float64: 1e-12, torch.float32: 3e-6, torch.float16: 4e-3, torch.bfloat16: 4e-2}
+DT_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16",
+            torch.bfloat16: "bf16"}
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Inputs:
+    """Random inputs for one case (seeded by the case, generated on the CPU, moved to device)."""
+
+    def __init__(self, device: str, *key):
+        self.device = device
+        self.gen = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+    def randn(self, shape, dtype, scale=1.0) -> torch.Tensor:
+        t = torch.randn(shape, generator=self.gen, dtype=torch.float64) * scale
+        return t.to(dtype).to(self.device)
+
+    def flags(self, B: int) -> torch.Tensor:
+        return (torch.rand(B, generator=self.gen) < 0.6).to(self.device)
+
+    def full(self, shape, value, dtype) -> torch.Tensor:
+        return torch.full(shape, value, dtype=dtype, device=self.device)
+
+
+def _case(op: str, B: int, D: int, dtype: torch.dtype, big: bool, dev: str):
+    """``(tensor/scalar args, {output name: arg index})`` in the engine's layout and invariants;
+    outputs the kernel must write completely are NaN-filled."""
+    r = _Inputs(dev, op, B, D, dtype, big)
+    acc = _acc(dtype)
+    x, fx = r.randn((B, D), dtype), r.randn((B, D), dtype)
+    if op == "residual_norms":
+        return [x, fx, r.full((B, 2), NAN, acc)], {"sq": 2}
+    if op == "fixed_point_advance":
+        return [x, fx, r.randn((B, D), dtype), r.flags(B), r.flags(B)], {"x": 0, "best": 2}
+    if op in ("anderson_residual", "anderson_mix"):
+        m = 5
+        filled = m if big else 2
+        F = r.full((B, m, D), 0.0, dtype)
+        G = r.full((B, m, D), 0.0, dtype)
+        F[:, :filled] = r.randn((B, filled, D), dtype)
+        G[:, :filled] = r.randn((B, filled, D), dtype, 0.5)
+        gram = torch.bmm(G.to(acc), G.to(acc).transpose(1, 2))
+        if op == "anderson_residual":
+            slot = 3 if big else filled
+            F[:, slot], G[:, slot], gram[:, slot], gram[:, :, slot] = NAN, NAN, NAN, NAN
+            return [x, fx, F, G, gram, r.full((B, 2), NAN, acc), slot], \
+                {"F": 2, "G": 3, "gram": 4, "sq": 5}
+        n, newest, beta = (m, 2, 0.8) if big else (filled, filled - 1, 1.0)
+        return [F, G, gram, r.full((B, D), NAN, dtype), r.randn((B, D), dtype), r.flags(B), n,
+                newest, 1e-4, True, beta, True], {"x": 3, "best": 4}
+    if op in ("broyden_dots", "broyden_update"):
+        L = 6
+        n_valid = L if big else 3
+        U, V = r.full((B, L, D), 0.0, dtype), r.full((B, L, D), 0.0, dtype)
+        U[:, :n_valid] = r.randn((B, n_valid, D), dtype, 0.2)
+        V[:, :n_valid] = r.randn((B, n_valid, D), dtype, 0.2)
+        dx = r.randn((B, D), dtype, 0.3)
+        ab = r.full((B, 2, L), 0.0, acc)
+        if op == "broyden_dots":
+            ab[:, :, :n_valid] = NAN
+            return [x, fx, r.full((B, D), NAN, dtype), dx, U, V, ab, r.full((B, 4), NAN, acc),
+                    n_valid], {"g": 2, "ab": 6, "scal": 7}
+        from deq_fast.ops.broyden import broyden_dots_reference
+        g, scal = torch.empty_like(x), r.full((B, 4), NAN, acc)
+        broyden_dots_reference(x, fx, g, dx, U, V, ab, scal, n_valid)
+        slot = 2 if big else n_valid
+        return [x, g, dx, U, V, ab, scal, r.randn((B, D), dtype), r.flags(B), r.flags(B), slot,
+                n_valid], {"x": 0, "dx": 2, "U": 3, "V": 4, "best": 7}
+    if op == "track_status":
+        sq = torch.rand(B, 2, generator=r.gen, dtype=torch.float64).to(dtype).to(dev) * 2
+        lowest = torch.rand(B, 2, generator=r.gen, dtype=torch.float64).to(dtype).to(dev) * 1.5
+        return [sq, lowest, r.full((B, 2), 0.0, dtype), r.full((3, B, 2), NAN, dtype), r.flags(B),
+                r.full((B,), False, torch.bool), 1, 5.0, 0.6, 1, big, big, False, 1e-9], \
+            {"lowest": 1, "best_step": 2, "trace": 3, "active": 4, "improved": 5}
+    raise ValueError(f"unknown op {op!r}")
+
+
+def _compare(a: torch.Tensor, e: torch.Tensor) -> tuple[float, float]:
+    """``(max abs error, scale)``; error inf when NaN patterns or non-finite entries differ."""
+    a, e = a.detach().double().cpu(), e.detach().double().cpu()
+    if a.dtype == torch.bool or e.dtype == torch.bool:
+        return (0.0 if torch.equal(a, e) else float("inf")), 1.0
+    fin = torch.isfinite(e)
+    if not torch.equal(torch.isnan(a), torch.isnan(e)) or \
+            not torch.equal(a[~fin].nan_to_num(), e[~fin].nan_to_num()):
+        return float("inf"), 1.0
+    if not fin.any():
+        return 0.0, 1.0
+    return (a[fin] - e[fin]).abs().max().item(), max(e[fin].abs().max().item(), 1.0)
+
+
+def _time_us(fn: Callable[[], None], reps: int = 50) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000.0 / reps
+
+
+OPS = ("residual_norms", "fixed_point_advance", "anderson_residual", "anderson_mix",
+       "broyden_dots", "broyden_update", "track_status")
+
+
+def run_kernel_checks(device: str, shapes: list, timing: bool = False,
+                      ops: tuple = OPS) -> list:
+    """Kernels against their references on ``device`` for ``shapes`` (``[(B, D), ...]``; odd
+    positions use full/wrapped histories, even ones partly filled) and every dtype.
+
+    Returns:
+        table rows ``(op, shape, dtype, max abs err, tol, ok, kernel us, torch us)``.
+    """
+    from deq_fast import kernels
+    from deq_fast.ops.dispatch import REFERENCE
+
+    rows = []
+    for op in ops:
+        dtypes = (torch.float32, torch.float64) if op == "track_status" else tuple(TOL)
+        for i, (B, D) in enumerate(shapes):
+            for dtype in dtypes:
+                args, outs = _case(op, B, D, dtype, i % 2 == 1, device)
+                kargs = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+                rargs = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+                err, tol, t_k, t_r = 0.0, 0.0, None, None
+                try:
+                    getattr(kernels, op)(*kargs)
+                    getattr(REFERENCE, op)(*rargs)
+                    ok = True
+                    for idx in outs.values():
+                        e, scale = _compare(kargs[idx], rargs[idx])
+                        err, tol = max(err, e), max(tol, TOL[dtype] * scale)
+                        ok &= e <= TOL[dtype] * scale
+                    if timing and device == "cuda":
+                        t_k = _time_us(lambda: getattr(kernels, op)(*kargs))
+                        t_r = _time_us(lambda: getattr(REFERENCE, op)(*rargs))
+                except Exception as exc:                                 # reported, not raised
+                    ok, err = False, float("nan")
+                    print(f"  {op} {B}x{D} {DT_NAMES[dtype]}: {type(exc).__name__}: {exc}",
+                          file=sys.stderr)
+                rows.append((op, f"{B}x{D}", DT_NAMES[dtype], err, tol, ok, t_k, t_r))
+    return rows
+
+
+def run_solve_checks(device: str) -> list:
+    """A short solve per method with backend 'triton' against 'torch' (float32)."""
+    import deq_fast
+
+    gen = torch.Generator().manual_seed(0)
+    B, D = 3, 37
+    W = (torch.randn(D, D, generator=gen) * 0.4 / D ** 0.5).to(device)
+    bias = torch.randn(B, D, generator=gen).to(device)
+
+    def f(z):
+        return torch.tanh(z @ W + bias)
+
+    rows = []
+    for method in ("anderson", "broyden", "fixed_point"):
+        x0 = torch.zeros(B, D, device=device)
+        try:
+            got = deq_fast.solve(f, x0, method=method, max_iter=10, tol=1e-5, backend="triton")
+            want = deq_fast.solve(f, x0, method=method, max_iter=10, tol=1e-5, backend="torch")
+            err = max(_compare(got.z, want.z)[0], _compare(got.rel_trace, want.rel_trace)[0])
+            ok = err <= 1e-5 and got.nfe == want.nfe and got.backend == "triton"
+        except Exception as exc:
+            ok, err = False, float("nan")
+            print(f"  solve/{method}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        rows.append((f"solve/{method}", f"{B}x{D}", "fp32", err, 1e-5, ok, None, None))
+    return rows
+
+
+def _print(rows: list, timing: bool) -> None:
+    head = f"{'op':<22} {'shape':>10} {'dtype':>5} {'max abs err':>12} {'tol':>10} {'result':>6}"
+    if timing:
+        head += f" {'kernel us':>10} {'torch us':>10}"
+    print(head)
+    print("-" * len(head))
+    for op, shape, dt, err, tol, ok, t_k, t_r in rows:
+        verdict = "PASS" if ok else "FAIL"
+        line = f"{op:<22} {shape:>10} {dt:>5} {err:>12.3e} {tol:>10.1e} {verdict:>6}"
+        if timing:
+            line += f" {t_k if t_k is not None else float('nan'):>10.1f}"
+            line += f" {t_r if t_r is not None else float('nan'):>10.1f}"
+        print(line)
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Run the self-test; returns the process exit code (0: all rows pass)."""
+    parser = argparse.ArgumentParser(prog="python -m deq_fast.selftest", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--timing", action="store_true",
+                        help="also time kernel and reference per call (CUDA only)")
+    args = parser.parse_args(argv)
+    # the interpreter evaluates with numpy, which warns where a kernel divides by zero on purpose
+    # (Broyden's den = 0, a singular Anderson system) before masking the result
+    warnings.filterwarnings("ignore", message=".*encountered in", category=RuntimeWarning)
+
+    from deq_fast import _backend
+
+    ok, msg = _backend.triton_status()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not ok:
+        print(f"deq_fast.selftest: cannot run the kernels: {msg}")
+        return 2
+    if device == "cpu" and not _backend.interpreter_enabled():
+        print("deq_fast.selftest: no CUDA device and TRITON_INTERPRET is not 1: nothing can run "
+              "the Triton kernels")
+        return 2
+    mode = "compiled, CUDA" if device == "cuda" else "interpreter, CPU tensors"
+    print(f"deq_fast.selftest: torch {torch.__version__}, {msg}, device {device} ({mode})")
+    shapes = [(1, 37), (3, 130)] if device == "cpu" else [(1, 37), (3, 130), (64, 4099),
+                                                          (128, 16384)]
+    rows = run_kernel_checks(device, shapes, args.timing) + run_solve_checks(device)
+    _print(rows, args.timing and device == "cuda")
+    failed = sum(not r[5] for r in rows)
+    print(f"{len(rows) - failed}/{len(rows)} passed")
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Fused per-sample residual norms and the fixed-point advance (Triton).
+
+``residual_norms``: ``sq[b] = [||fx_b - x_b||^2, ||fx_b||^2]``; ``fixed_point_advance``:
+``best_b = fx_b`` where ``improved_b``, ``x_b = fx_b`` where ``active_b``. Semantics: the
+pure-torch references in ``deq_fast/ops/fixed_point.py`` (this package never imports them).
+
+Grid: one program per sample looping over ``D`` in ``BLOCK_D`` chunks (deterministic reductions,
+no atomics). For a small batch with a large ``D`` a split-D grid ``(B, cdiv(D, CHUNK))`` with a
+second tiny reduction (or atomics, at the cost of determinism) would fill more SMs; a DEQ batch
+is usually large enough that one program per sample saturates memory bandwidth.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype_of, block_d, check, check_state, unit_inner
+
+__all__ = ["residual_norms", "fixed_point_advance"]
+
+
+@triton.jit
+def _residual_norms_kernel(x_ptr, fx_ptr, sq_ptr, D, stride_x, stride_fx, stride_sq,
+                           BLOCK_D: tl.constexpr):
+    """``sq[b, 0] = ||fx[b] - x[b]||^2``, ``sq[b, 1] = ||fx[b]||^2``.
+
+    Shapes: ``x, fx [B, D]`` (state dtype), ``sq [B, 2]`` (accumulation dtype: float32, float64
+    for float64 states). ``g = fx - x`` is rounded to the state dtype before squaring, as the
+    reference does. Bytes: read x, fx -> ``2·B·D·size`` (+ 2·B accumulators written).
+    """
+    ACC = sq_ptr.dtype.element_ty
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    gg = tl.zeros([BLOCK_D], dtype=ACC)
+    ff = tl.zeros([BLOCK_D], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + cols
+        dm = offs < D
+        xv = tl.load(x_ptr + b * stride_x + offs, mask=dm, other=0.0)
+        fv = tl.load(fx_ptr + b * stride_fx + offs, mask=dm, other=0.0)
+        g = (fv.to(ACC) - xv.to(ACC)).to(fv.dtype).to(ACC)   # rounded like the reference's g
+        fa = fv.to(ACC)
+        gg += g * g
+        ff += fa * fa
+    tl.store(sq_ptr + b * stride_sq, tl.sum(gg, axis=0))
+    tl.store(sq_ptr + b * stride_sq + 1, tl.sum(ff, axis=0))
+
+
+@triton.jit
+def _fixed_point_advance_kernel(x_ptr, fx_ptr, best_ptr, improved_ptr, active_ptr, D,
+                                stride_x, stride_fx, stride_best, BLOCK_D: tl.constexpr):
+    """``best[b] = fx[b]`` if ``improved[b]``; ``x[b] = fx[b]`` if ``active[b]`` (masked stores).
+
+    Shapes: ``x, fx, best [B, D]`` (state dtype), ``improved, active [B]`` bool. No arithmetic.
+    Bytes: read fx (only for samples with a flag set), write x and/or best -> at most
+    ``3·B·D·size``.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    imp = tl.load(improved_ptr + b) != 0
+    act = tl.load(active_ptr + b) != 0
+    if imp | act:
+        cols = tl.arange(0, BLOCK_D)
+        for d0 in range(0, D, BLOCK_D):
+            offs = d0 + cols
+            dm = offs < D
+            fv = tl.load(fx_ptr + b * stride_fx + offs, mask=dm, other=0.0)
+            tl.store(best_ptr + b * stride_best + offs, fv, mask=dm & imp)
+            tl.store(x_ptr + b * stride_x + offs, fv, mask=dm & act)
+
+
+def residual_norms(x: torch.Tensor, fx: torch.Tensor, sq: torch.Tensor) -> None:
+    """Per-sample squared residual and ``f`` norms, in place into ``sq``.
+
+    Args:
+        x: ``[B, D]`` current iterate (float32/float64/float16/bfloat16).
+        fx: ``[B, D]`` ``f(x)``, same dtype as ``x``.
+        sq: ``[B, 2]`` output, float32 (float64 for float64 states); row stride free, unit inner.
+
+    Returns:
+        None (``sq[:, 0] = ||fx - x||^2``, ``sq[:, 1] = ||fx||^2``).
+
+    Example:
+        >>> x, fx = torch.randn(3, 37, device="cuda"), torch.randn(3, 37, device="cuda")
+        >>> sq = torch.empty(3, 2, device="cuda"); residual_norms(x, fx, sq)       # sq: [3, 2]
+    """
+    check_state("x", x)
+    B, D = x.shape
+    check("fx", fx, (B, D), x.dtype, x.device, unit_inner=False)
+    check("sq", sq, (B, 2), acc_dtype_of(x.dtype), x.device)
+    x, fx = unit_inner(x), unit_inner(fx)
+    _residual_norms_kernel[(B,)](x, fx, sq, D, x.stride(0), fx.stride(0), sq.stride(0),
+                                 BLOCK_D=block_d(D), num_warps=4)
+
+
+def fixed_point_advance(x: torch.Tensor, fx: torch.Tensor, best: torch.Tensor,
+                        improved: torch.Tensor, active: torch.Tensor) -> None:
+    """In place: ``best = fx`` where ``improved``; ``x = fx`` where ``active`` (per sample).
+
+    Args:
+        x: ``[B, D]`` iterate, updated in place (unit inner stride).
+        fx: ``[B, D]`` the (damped) ``f(x)``, same dtype.
+        best: ``[B, D]`` best-so-far estimate, updated in place.
+        improved, active: ``[B]`` bool flags.
+
+    Returns:
+        None.
+
+    Example:
+        >>> x, fx, best = (torch.randn(2, 130, device="cuda") for _ in range(3))
+        >>> flags = torch.tensor([True, False], device="cuda")
+        >>> fixed_point_advance(x, fx, best, flags, flags)       # row 0 of x and best <- fx
+    """
+    check_state("x", x)
+    B, D = x.shape
+    check("x", x, (B, D), x.dtype, x.device)
+    check("fx", fx, (B, D), x.dtype, x.device, unit_inner=False)
+    check("best", best, (B, D), x.dtype, x.device)
+    check("improved", improved, (B,), torch.bool, x.device)
+    check("active", active, (B,), torch.bool, x.device)
+    fx = unit_inner(fx)
+    _fixed_point_advance_kernel[(B,)](x, fx, best, improved, active, D, x.stride(0), fx.stride(0),
+                                      best.stride(0), BLOCK_D=block_d(D), num_warps=4)

@@ -1,0 +1,515 @@
+"""The Triton kernels (``deq_fast.kernels``) against their pure-torch references (``deq_fast/ops``).
+
+On CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set in conftest.py
+before anything imports the kernels); on a CUDA machine they run compiled on the GPU. Inputs are
+fresh random tensors (seeded per case), odd ``D``, ``B`` in {1, 3}, histories not yet full and
+full/wrapped, every state dtype with an explicit tolerance. Outputs a kernel must write are filled
+with NaN first, so an element it forgets fails the comparison. Shapes stay small: the interpreter
+costs about 0.5 ms per program instance and per op.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import zlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# the interpreter evaluates with numpy, which warns where the kernels deliberately divide by zero
+# (Broyden's den = 0, a singular Anderson system) before masking the result
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton", reason="the Triton kernels need triton")
+
+import deq_fast  # noqa: E402
+import deq_fast.kernels as K  # noqa: E402
+from deq_fast.ops import registered  # noqa: E402
+from deq_fast.ops.dispatch import REFERENCE as R  # noqa: E402
+
+NAN = float("nan")
+# max |kernel - reference| / max(|reference|, 1), per state dtype. bf16: Triton's interpreter
+# converts float32 -> bfloat16 by truncation where torch (and the GPU) round to nearest, so an
+# element may differ by one bf16 ulp (2^-7 relative); the mix then carries it over a few terms.
+TOL = {torch.float64: 1e-12, torch.float32: 3e-6, torch.float16: 4e-3, torch.bfloat16: 4e-2}
+DTYPES = list(TOL)
+DT_IDS = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16",
+          torch.bfloat16: "bf16"}
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _gen(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _randn(gen: torch.Generator, shape, dtype, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+
+
+def _flags(gen: torch.Generator, B: int) -> torch.Tensor:
+    return (torch.rand(B, generator=gen) < 0.6).to(DEVICE)
+
+
+def _clone(ts):
+    return [t.clone() if isinstance(t, torch.Tensor) else t for t in ts]
+
+
+def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max(max |expected|, 1) over the finite reference entries;
+    inf if the NaN patterns differ (an output left unwritten, or a NaN the reference lacks)."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if a.shape != e.shape or not torch.equal(torch.isnan(a), torch.isnan(e)):
+        return float("inf")
+    fin = torch.isfinite(e)
+    if not torch.equal(a[~fin].nan_to_num(), e[~fin].nan_to_num()):
+        return float("inf")
+    if not fin.any():
+        return 0.0
+    return ((a[fin] - e[fin]).abs().max() / e[fin].abs().max().clamp_min(1.0)).item()
+
+
+def assert_outputs(names, got, want, tol):
+    for name, a, e in zip(names, got, want):
+        if not isinstance(a, torch.Tensor):
+            continue
+        if a.dtype == torch.bool:
+            assert torch.equal(a, e), f"{name}: {a.tolist()} != {e.tolist()}"
+        else:
+            err = max_err(a, e)
+            assert err <= tol, f"{name}: max err {err:.3g} > tol {tol:.3g}"
+
+
+# ---------------------------------------------------------------- residual norms / fixed point
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("B,D", [(1, 37), (3, 130)], ids=["B1-D37", "B3-D130"])
+def test_residual_norms(dtype, B, D):
+    gen = _gen("rn", dtype, B, D)
+    x, fx = _randn(gen, (B, D), dtype), _randn(gen, (B, D), dtype)
+    sq_k = torch.full((B, 2), NAN, dtype=_acc(dtype), device=DEVICE)
+    sq_r = sq_k.clone()
+    K.residual_norms(x, fx, sq_k)
+    R.residual_norms(x, fx, sq_r)
+    assert_outputs(["sq"], [sq_k], [sq_r], TOL[dtype])
+
+
+def test_residual_norms_strided_fx():
+    """``f`` may return a strided view: the launcher copies it, the result is unchanged."""
+    gen = _gen("rn-strided")
+    x, fx = _randn(gen, (3, 37), torch.float32), _randn(gen, (37, 3), torch.float32).t()
+    sq_k, sq_r = torch.empty(3, 2, device=DEVICE), torch.empty(3, 2, device=DEVICE)
+    K.residual_norms(x, fx, sq_k)
+    R.residual_norms(x, fx, sq_r)
+    assert max_err(sq_k, sq_r) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("B,D", [(1, 37), (3, 130)], ids=["B1-D37", "B3-D130"])
+def test_fixed_point_advance(dtype, B, D):
+    gen = _gen("fpa", dtype, B, D)
+    x, fx, best = (_randn(gen, (B, D), dtype) for _ in range(3))
+    improved, active = _flags(gen, B), _flags(gen, B)
+    got, want = [x.clone(), best.clone()], [x.clone(), best.clone()]
+    K.fixed_point_advance(got[0], fx, got[1], improved, active)
+    R.fixed_point_advance(want[0], fx, want[1], improved, active)
+    assert_outputs(["x", "best"], got, want, 0.0)          # pure copies: exact
+
+
+# ---------------------------------------------------------------------------------- Anderson
+def _anderson_state(gen, B, D, m, filled, dtype):
+    """Rings with ``filled`` written slots (the rest zero, as the engine keeps them) and their
+    consistent Gram matrix."""
+    F = torch.zeros(B, m, D, dtype=dtype, device=DEVICE)
+    G = torch.zeros(B, m, D, dtype=dtype, device=DEVICE)
+    F[:, :filled] = _randn(gen, (B, filled, D), dtype)
+    G[:, :filled] = _randn(gen, (B, filled, D), dtype, 0.5)
+    Ga = G.to(_acc(dtype))
+    gram = torch.bmm(Ga, Ga.transpose(1, 2))
+    return F, G, gram
+
+
+# (B, D, m, slot, filled): m = 1; first write; history not full; full ring, wrapped slot
+RESIDUAL_CASES = [(1, 37, 1, 0, 0), (3, 37, 5, 0, 0), (3, 130, 5, 2, 2), (3, 37, 5, 3, 5)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("B,D,m,slot,filled", RESIDUAL_CASES,
+                         ids=[f"B{c[0]}-D{c[1]}-m{c[2]}-s{c[3]}-n{c[4]}" for c in RESIDUAL_CASES])
+def test_anderson_residual(dtype, B, D, m, slot, filled):
+    gen = _gen("ar", dtype, B, D, m, slot, filled)
+    F, G, gram = _anderson_state(gen, B, D, m, filled, dtype)
+    F[:, slot] = NAN                                   # must be written
+    G[:, slot] = NAN
+    gram[:, slot, :] = NAN
+    gram[:, :, slot] = NAN
+    x, fx = _randn(gen, (B, D), dtype), _randn(gen, (B, D), dtype)
+    sq = torch.full((B, 2), NAN, dtype=_acc(dtype), device=DEVICE)
+    got, want = [F, G, gram, sq], _clone([F, G, gram, sq])
+    K.anderson_residual(x, fx, *got, slot)
+    R.anderson_residual(x, fx, *want, slot)
+    assert_outputs(["F", "G", "gram", "sq"], got, want, TOL[dtype])
+
+
+# (B, D, m, n, newest, lam, scaled, beta, keep_f)
+MIX_CASES = [
+    (1, 37, 1, 1, 0, 1e-4, True, 1.0, False),       # m = 1: a plain f step
+    (3, 37, 5, 2, 1, 1e-4, True, 1.0, False),       # history not yet full
+    (3, 130, 5, 5, 2, 1e-4, True, 0.7, True),       # full, wrapped (newest in the middle), damped
+    (3, 37, 6, 6, 5, 1e-2, False, 1.0, True),       # absolute ridge (TorchDEQ)
+    (3, 37, 5, 0, 3, 1e-4, True, 1.0, False),       # n == 0: only the best copy
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("B,D,m,n,newest,lam,scaled,beta,keep_f", MIX_CASES,
+                         ids=[f"B{c[0]}-D{c[1]}-m{c[2]}-n{c[3]}-new{c[4]}-beta{c[7]}"
+                              f"-keepf{int(c[8])}" for c in MIX_CASES])
+def test_anderson_mix(dtype, B, D, m, n, newest, lam, scaled, beta, keep_f):
+    gen = _gen("am", dtype, B, D, m, n, newest)
+    F, G, gram = _anderson_state(gen, B, D, m, max(n, 1), dtype)
+    # x is written completely when n > 0 (and only then read: for the best copy when not keep_f)
+    x = torch.full((B, D), NAN, dtype=dtype, device=DEVICE) if (n > 0 and keep_f) else \
+        _randn(gen, (B, D), dtype)
+    best = _randn(gen, (B, D), dtype)
+    improved = _flags(gen, B)
+    got, want = [x, best], _clone([x, best])
+    args = (n, newest, lam, scaled, beta, keep_f)
+    K.anderson_mix(F, G, gram, *got, improved, *args)
+    R.anderson_mix(F, G, gram, *want, improved, *args)
+    assert_outputs(["x", "best"], got, want, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DT_IDS.get)
+def test_anderson_mix_fallback(dtype):
+    """Singular (zero Gram, no ridge) and NaN systems fall back to the one-hot at ``newest``,
+    per sample, without touching the healthy sample."""
+    B, D, m, n, newest = 3, 37, 4, 4, 2
+    gen = _gen("am-fallback", dtype)
+    F, G, gram = _anderson_state(gen, B, D, m, n, dtype)
+    gram[0] = 0.0
+    gram[1, 2, 1] = NAN                               # lower triangle: the part a Cholesky reads
+    got = torch.full((B, D), NAN, dtype=dtype, device=DEVICE)
+    want = got.clone()
+    best, improved = torch.zeros(B, D, dtype=dtype, device=DEVICE), _flags(gen, B)
+    K.anderson_mix(F, G, gram, got, best.clone(), improved, n, newest, 0.0, False, 1.0, True)
+    R.anderson_mix(F, G, gram, want, best.clone(), improved, n, newest, 0.0, False, 1.0, True)
+    assert max_err(got, want) <= TOL[dtype]
+    assert torch.equal(got[:2], F[:2, newest])                     # one-hot: x = F[newest]
+    assert not torch.equal(got[2], F[2, newest])
+
+
+def test_anderson_mix_lam_and_beta_matter():
+    """Negative check: a kernel that ignored ``lam``, ``scaled`` or ``beta`` would fail."""
+    B, D, m = 3, 37, 5
+    gen = _gen("am-neg")
+    F, G, gram = _anderson_state(gen, B, D, m, m, torch.float32)
+    improved = torch.zeros(B, dtype=torch.bool, device=DEVICE)
+    best = torch.zeros(B, D, device=DEVICE)
+
+    def run(fn, lam, scaled, beta):
+        x = torch.zeros(B, D, device=DEVICE)
+        fn(F, G, gram, x, best, improved, m, 1, lam, scaled, beta, False)
+        return x
+
+    base = run(R.anderson_mix, 1e-4, True, 1.0)
+    for lam, scaled, beta in [(0.5, True, 1.0), (1e-4, True, 0.5), (0.5, False, 1.0)]:
+        got = run(K.anderson_mix, lam, scaled, beta)
+        assert max_err(got, run(R.anderson_mix, lam, scaled, beta)) <= TOL[torch.float32]
+        assert max_err(got, base) > 100 * TOL[torch.float32], (lam, scaled, beta)
+
+
+def test_anderson_long_history_takes_the_reference():
+    """m > 16: the registered op falls back to the reference instead of failing."""
+    f, x0 = _problem(B=1, D=19)
+    kw = dict(method="anderson", max_iter=3, tol=0.0, m=17)
+    got = deq_fast.solve(f, x0, backend="triton", **kw)
+    want = deq_fast.solve(f, x0, backend="torch", **kw)
+    assert max_err(got.z, want.z) == 0.0
+
+
+# ----------------------------------------------------------------------------------- Broyden
+def _broyden_state(gen, B, D, L, n_valid, dtype):
+    """Rings with ``n_valid`` written rows; rows (and ``ab`` entries) beyond are zero."""
+    U = torch.zeros(B, L, D, dtype=dtype, device=DEVICE)
+    V = torch.zeros(B, L, D, dtype=dtype, device=DEVICE)
+    U[:, :n_valid] = _randn(gen, (B, n_valid, D), dtype, 0.2)
+    V[:, :n_valid] = _randn(gen, (B, n_valid, D), dtype, 0.2)
+    return U, V
+
+
+# (B, D, L, n_valid): empty ring, partly filled (odd, not a multiple of 4), full
+DOTS_CASES = [(1, 37, 4, 0), (3, 130, 6, 3), (3, 37, 5, 5)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("B,D,L,n_valid", DOTS_CASES,
+                         ids=[f"B{c[0]}-D{c[1]}-L{c[2]}-nv{c[3]}" for c in DOTS_CASES])
+def test_broyden_dots(dtype, B, D, L, n_valid):
+    gen = _gen("bd", dtype, B, D, L, n_valid)
+    U, V = _broyden_state(gen, B, D, L, n_valid, dtype)
+    x, fx = _randn(gen, (B, D), dtype), _randn(gen, (B, D), dtype)
+    dx = _randn(gen, (B, D), dtype, 0.3)
+    acc = _acc(dtype)
+    g = torch.full((B, D), NAN, dtype=dtype, device=DEVICE)
+    ab = torch.zeros(B, 2, L, dtype=acc, device=DEVICE)
+    ab[:, :, :n_valid] = NAN
+    scal = torch.full((B, 4), NAN, dtype=acc, device=DEVICE)
+    got, want = [g, ab, scal], _clone([g, ab, scal])
+    K.broyden_dots(x, fx, got[0], dx, U, V, got[1], got[2], n_valid)
+    R.broyden_dots(x, fx, want[0], dx, U, V, want[1], want[2], n_valid)
+    assert_outputs(["g", "ab", "scal"], got, want, TOL[dtype])
+
+
+# (B, D, L, n_valid, slot, zero_step): first update, not full, wrapped ring (evicts slot 2),
+# a zero previous step (den = 0: u = +-inf/NaN -> 0)
+UPDATE_CASES = [(1, 37, 4, 0, 0, False), (3, 130, 6, 3, 3, False), (3, 37, 5, 5, 2, False),
+                (3, 37, 4, 0, 0, True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("B,D,L,n_valid,slot,zero_step", UPDATE_CASES,
+                         ids=[f"B{c[0]}-D{c[1]}-L{c[2]}-nv{c[3]}-s{c[4]}" + ("-dx0" if c[5] else "")
+                              for c in UPDATE_CASES])
+def test_broyden_update(dtype, B, D, L, n_valid, slot, zero_step):
+    gen = _gen("bu", dtype, B, D, L, n_valid, slot, zero_step)
+    U, V = _broyden_state(gen, B, D, L, n_valid, dtype)
+    x, fx = _randn(gen, (B, D), dtype), _randn(gen, (B, D), dtype)
+    dx = _randn(gen, (B, D), dtype, 0.3)
+    if zero_step:
+        dx.zero_()
+    acc = _acc(dtype)
+    g, ab, scal = torch.empty(B, D, dtype=dtype, device=DEVICE), \
+        torch.zeros(B, 2, L, dtype=acc, device=DEVICE), torch.empty(B, 4, dtype=acc, device=DEVICE)
+    R.broyden_dots(x, fx, g, dx, U, V, ab, scal, n_valid)          # consistent pass-1 outputs
+    best = _randn(gen, (B, D), dtype)
+    improved, active = _flags(gen, B), _flags(gen, B)
+    active[0] = True
+    got, want = [x, dx, U, V, best], _clone([x, dx, U, V, best])
+
+    def call(fn, t):
+        fn(t[0], g, t[1], t[2], t[3], ab, scal, t[4], improved, active, slot, n_valid)
+
+    call(K.broyden_update, got)
+    call(R.broyden_update, want)
+    assert_outputs(["x", "dx", "U", "V", "best"], got, want, TOL[dtype])
+
+
+# ------------------------------------------------------------------------------------ status
+STATUS_FLAGS = [(wb, st, au, si) for wb in (False, True) for st in (False, True)
+                for au in (False, True) for si in (0, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DT_IDS.get)
+@pytest.mark.parametrize("B", [1, 5])
+@pytest.mark.parametrize("whole_batch,stop_together,always_update,stop_idx", STATUS_FLAGS,
+                         ids=[f"wb{int(a)}-st{int(b)}-au{int(c)}-{'abs' if d == 0 else 'rel'}"
+                              for a, b, c, d in STATUS_FLAGS])
+def test_track_status(dtype, B, whole_batch, stop_together, always_update, stop_idx):
+    gen = _gen("ts", dtype, B, whole_batch, stop_together, always_update, stop_idx)
+    scal = (torch.rand(B, 4, generator=gen, dtype=torch.float64) * 2).to(dtype).to(DEVICE)
+    sq = scal[:, 2:]                                  # Broyden passes this strided view
+    if B > 1:
+        sq[1, 0] = NAN                                # f went non-finite for sample 1
+    lowest = (torch.rand(B, 2, generator=gen, dtype=torch.float64) * 1.5).to(dtype).to(DEVICE)
+    best_step = torch.zeros(B, 2, dtype=dtype, device=DEVICE)
+    trace = torch.full((4, B, 2), NAN, dtype=dtype, device=DEVICE)
+    active = _flags(gen, B)
+    improved = torch.zeros(B, dtype=torch.bool, device=DEVICE)
+    got = [lowest, best_step, trace, active, improved]
+    want = _clone(got)
+    # tol between the typical residuals: some samples stop, some continue
+    args = (2, 7.0, -float("inf") if always_update else 0.6, stop_idx, whole_batch, stop_together,
+            always_update, 1e-9)
+    K.track_status(sq, *got, *args)
+    R.track_status(sq, *want, *args)
+    assert_outputs(["lowest", "best_step", "trace", "active", "improved"], got, want, TOL[dtype])
+
+
+@pytest.mark.parametrize("whole_batch,stop_together", [(False, False), (True, True)])
+def test_track_status_several_blocks(whole_batch, stop_together):
+    """B > 1024: the single program loops over batch blocks (sums and ``any`` across blocks)."""
+    B = 1500
+    gen = _gen("ts-big", whole_batch, stop_together)
+    sq = torch.rand(B, 2, generator=gen).to(DEVICE)
+    sq[:, 1] += 1.0
+    lowest = torch.rand(B, 2, generator=gen).to(DEVICE)
+    got = [lowest, torch.zeros(B, 2, device=DEVICE), torch.full((2, B, 2), NAN, device=DEVICE),
+           torch.ones(B, dtype=torch.bool, device=DEVICE),
+           torch.zeros(B, dtype=torch.bool, device=DEVICE)]
+    want = _clone(got)
+    args = (1, 3.0, 0.5, 1, whole_batch, stop_together, False, 1e-9)
+    K.track_status(sq, *got, *args)
+    R.track_status(sq, *want, *args)
+    assert_outputs(["lowest", "best_step", "trace", "active", "improved"], got, want,
+                   TOL[torch.float32])
+
+
+# ------------------------------------------------------------------------ boundary and registry
+def test_launchers_validate_arguments():
+    x = torch.zeros(2, 37, device=DEVICE)
+    with pytest.raises(ValueError, match="sq"):
+        K.residual_norms(x, x, torch.zeros(2, 2, dtype=torch.float64, device=DEVICE))
+    with pytest.raises(ValueError, match="fx"):
+        K.residual_norms(x, torch.zeros(2, 36, device=DEVICE), torch.zeros(2, 2, device=DEVICE))
+    F = torch.zeros(2, 17, 37, device=DEVICE)
+    with pytest.raises(ValueError, match="m <= 16"):
+        K.anderson_residual(x, x, F, F, torch.zeros(2, 17, 17, device=DEVICE),
+                            torch.zeros(2, 2, device=DEVICE), 0)
+    F, gram = torch.zeros(2, 3, 37, device=DEVICE), torch.zeros(2, 3, 3, device=DEVICE)
+    flags = torch.zeros(2, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="newest"):
+        K.anderson_mix(F, F, gram, x, x.clone(), flags, 3, 3, 1e-4, True, 1.0, False)
+    with pytest.raises(ValueError, match="x"):
+        K.residual_norms(x.long(), x.long(), torch.zeros(2, 2, device=DEVICE))
+
+
+def test_ops_registered_with_triton_kernels():
+    assert DEVICE in registered.KERNEL_DEVICES
+
+
+def _op_args():
+    B, D, m, L = 2, 37, 3, 3
+    x, fx, best = torch.randn(B, D), torch.randn(B, D), torch.randn(B, D)
+    flags = torch.tensor([True, False])
+    F, G = torch.randn(B, m, D), torch.randn(B, m, D)
+    gram = torch.bmm(G, G.transpose(1, 2))
+    U, V = torch.randn(B, L, D) * 0.1, torch.randn(B, L, D) * 0.1
+    ab, scal = torch.randn(B, 2, L), torch.rand(B, 4) + 1
+    trace = torch.zeros(3, B, 2)
+    return {
+        "anderson_residual": (x, fx, F, G, gram, torch.empty(B, 2), 1),
+        "anderson_mix": (F, G, gram, x.clone(), best.clone(), flags, 2, 1, 1e-4, True, 0.8, False),
+        "broyden_dots": (x, fx, torch.empty(B, D), x.clone(), U, V, ab.clone(), scal.clone(), L),
+        "broyden_update": (x.clone(), fx, x.clone(), U.clone(), V.clone(), ab, scal, best.clone(),
+                           flags, flags.clone(), 1, L),
+        "residual_norms": (x, fx, torch.empty(B, 2)),
+        "fixed_point_advance": (x.clone(), fx, best.clone(), flags, flags.flip(0)),
+        "track_status": (torch.rand(B, 2), torch.full((B, 2), 1e8), torch.zeros(B, 2), trace,
+                         flags.clone(), flags.clone(), 1, 2.0, 1e-3, 1, False, False, False, 1e-9),
+    }
+
+
+@pytest.mark.parametrize("name", list(_op_args()))
+def test_opcheck(name):
+    """Schema (declared mutations), fake kernel and AOT dispatch of every custom op."""
+    args = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in _op_args()[name])
+    torch.library.opcheck(getattr(torch.ops.deq_fast, name).default, args)
+
+
+# ------------------------------------------------------------------------------- end to end
+def _problem(B=3, D=37, dtype=torch.float32):
+    gen = _gen("e2e", B, D)
+    W = (torch.randn(D, D, generator=gen) * 0.4 / D ** 0.5).to(dtype).to(DEVICE)
+    bias = torch.randn(B, D, generator=gen).to(dtype).to(DEVICE)
+    return (lambda z: torch.tanh(z @ W + bias)), torch.zeros(B, D, dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DT_IDS.get)
+@pytest.mark.parametrize("method", ["anderson", "broyden", "fixed_point"])
+def test_solve_triton_equals_torch(method, dtype):
+    f, x0 = _problem(dtype=dtype)
+    kw = dict(method=method, max_iter=10, tol=1e-5, m=4)
+    got = deq_fast.solve(f, x0, backend="triton", **kw)
+    want = deq_fast.solve(f, x0, backend="torch", **kw)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert got.backend == "triton" and want.backend == "torch"
+    assert got.nfe == want.nfe
+    assert max_err(got.z, want.z) <= tol
+    assert max_err(got.rel_trace, want.rel_trace) <= tol
+    assert torch.equal(got.nstep, want.nstep)
+    if method == "broyden" and dtype == torch.float64:
+        # the late rank-1 factors divide by tiny steps (den ~ ||dx||^2): they amplify rounding
+        # differences (~1e-3 relative in float32), so they are compared in float64
+        for a, b in zip(got.factors, want.factors):
+            assert max_err(a, b) <= 1e-9
+
+
+@pytest.mark.parametrize("solver", ["anderson_solver", "broyden_solver", "fixed_point_iter"])
+def test_torchdeq_api_triton_equals_torch(solver, monkeypatch):
+    """The TorchDEQ-style API with the backend forced through the environment."""
+    f, x0 = _problem(B=2)
+    fn = getattr(deq_fast, solver)
+    monkeypatch.setenv("DEQ_FAST_BACKEND", "triton")
+    z_t, traj_t, info_t = fn(f, x0, max_iter=8, tol=1e-5)
+    monkeypatch.setenv("DEQ_FAST_BACKEND", "torch")
+    z_r, traj_r, info_r = fn(f, x0, max_iter=8, tol=1e-5)
+    assert info_t["backend"] == "triton" and info_r["backend"] == "torch"
+    assert max_err(z_t, z_r) <= 1e-5
+    assert max_err(info_t["rel_lowest"], info_r["rel_lowest"]) <= 1e-5
+
+
+@pytest.mark.parametrize("solver", ["anderson", "broyden"])
+def test_locuslab_api_triton_equals_torch(solver):
+    """The locuslab/deq-style API (whole-batch norms, extra stop rules) with ``backend=``."""
+    f, x0 = _problem(B=2)
+    fn = getattr(deq_fast, solver)
+    got = fn(f, x0, threshold=8, eps=1e-5, backend="triton")
+    want = fn(f, x0, threshold=8, eps=1e-5, backend="torch")
+    assert max_err(got["result"], want["result"]) <= 1e-5
+    assert got["nstep"] == want["nstep"] and len(got["rel_trace"]) == len(want["rel_trace"])
+    assert max_err(torch.tensor(got["rel_trace"]), torch.tensor(want["rel_trace"])) <= 1e-5
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts dispatched ops that launch work (views excluded) and host syncs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops[func.namespace + "::" + func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count(fn) -> collections.Counter:
+    with _CountOps() as mode:
+        fn()
+    return mode.ops
+
+
+@pytest.mark.parametrize("method", ["anderson", "broyden", "fixed_point"])
+def test_launches_per_iteration(method):
+    """Triton path: exactly 3 fused launches per iteration besides ``f`` (pass 1, status, pass 2;
+    fixed point: norms, status, advance), no other op and no host sync (``check_every=0``)."""
+    f, x0 = _problem(B=2)
+    f_ops = _count(lambda: f(x0))
+
+    def solve(n):
+        return _count(lambda: deq_fast.solve(f, x0, method=method, max_iter=n, tol=0.0, m=3,
+                                             check_every=0, backend="triton"))
+
+    n1, n2 = 4, 7
+    per_iter = solve(n2)
+    per_iter.subtract(solve(n1))
+    for op, k in f_ops.items():
+        per_iter[op] -= k * (n2 - n1)
+    per_iter = {op: k / (n2 - n1) for op, k in per_iter.items() if k}
+    fused = {op: k for op, k in per_iter.items() if op.startswith("deq_fast::")}
+    assert sum(fused.values()) == 3, per_iter
+    assert per_iter == fused, f"non-fused ops per iteration: {per_iter}"
+    assert "aten::_local_scalar_dense" not in per_iter
+
+
+def test_selftest_table(monkeypatch):
+    """``python -m deq_fast.selftest`` passes here, and reports FAIL for a broken kernel."""
+    from deq_fast import selftest
+
+    rows = selftest.run_kernel_checks(DEVICE, [(1, 37)], ops=("residual_norms", "anderson_mix"))
+    assert len(rows) == 8 and all(r[5] for r in rows), rows
+
+    def broken(x, fx, sq):                   # forgets ||fx||^2
+        K.residual_norms(x, fx, sq)
+        sq[:, 1] = NAN
+
+    monkeypatch.setattr(K, "residual_norms", broken)
+    rows = selftest.run_kernel_checks(DEVICE, [(1, 37)], ops=("residual_norms",))
+    assert not any(r[5] for r in rows)
