@@ -173,11 +173,9 @@ def run(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, opt: Option
         for e in range(n_evals):
             fx = f(x)
             st.nfe += 1
-            if opt.tau != 1.0:       # damped map; never modify f's output in place
-                fx = torch.lerp(x, fx, opt.tau)
-            ops.residual_norms(x, fx, sq)
+            ops.residual_norms(x, fx, sq, opt.tau)          # of the damped map, formed in-pass
             status(sq, e)
-            ops.fixed_point_advance(x, fx, st.best, improved, st.active)
+            ops.fixed_point_advance(x, fx, st.best, improved, st.active, opt.tau)
             if checkpoint(e):
                 break
     else:

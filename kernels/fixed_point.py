@@ -1,7 +1,8 @@
 """Fused per-sample residual norms and the fixed-point advance (Triton).
 
-``residual_norms``: ``sq[b] = [||fx_b - x_b||^2, ||fx_b||^2]``; ``fixed_point_advance``:
-``best_b = fx_b`` where ``improved_b``, ``x_b = fx_b`` where ``active_b``. Semantics: the
+With the damped map ``y = tau·fx + (1 - tau)·x`` (``y = fx`` when not ``DAMPED``):
+``residual_norms``: ``sq[b] = [||y_b - x_b||^2, ||y_b||^2]``; ``fixed_point_advance``:
+``best_b = y_b`` where ``improved_b``, ``x_b = y_b`` where ``active_b``. Semantics: the
 pure-torch references in ``deq_fast/ops/fixed_point.py`` (this package never imports them).
 
 Grid: one program per sample looping over ``D`` in ``BLOCK_D`` chunks (deterministic reductions,
@@ -21,9 +22,9 @@ __all__ = ["residual_norms", "fixed_point_advance"]
 
 
 @triton.jit
-def _residual_norms_kernel(x_ptr, fx_ptr, sq_ptr, D, stride_x, stride_fx, stride_sq,
-                           BLOCK_D: tl.constexpr):
-    """``sq[b, 0] = ||fx[b] - x[b]||^2``, ``sq[b, 1] = ||fx[b]||^2``.
+def _residual_norms_kernel(x_ptr, fx_ptr, sq_ptr, D, stride_x, stride_fx, stride_sq, tau,
+                           DAMPED: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``sq[b, 0] = ||y[b] - x[b]||^2``, ``sq[b, 1] = ||y[b]||^2``, ``y`` the damped ``fx``.
 
     Shapes: ``x, fx [B, D]`` (state dtype), ``sq [B, 2]`` (accumulation dtype: float32, float64
     for float64 states). ``g = fx - x`` is rounded to the state dtype before squaring, as the
@@ -39,6 +40,8 @@ def _residual_norms_kernel(x_ptr, fx_ptr, sq_ptr, D, stride_x, stride_fx, stride
         dm = offs < D
         xv = tl.load(x_ptr + b * stride_x + offs, mask=dm, other=0.0)
         fv = tl.load(fx_ptr + b * stride_fx + offs, mask=dm, other=0.0)
+        if DAMPED:   # TorchDEQ's tau·f + (1 - tau)·x, rounded to the state dtype like the reference
+            fv = (tau * fv.to(ACC) + (1.0 - tau) * xv.to(ACC)).to(xv.dtype)
         g = (fv.to(ACC) - xv.to(ACC)).to(fv.dtype).to(ACC)   # rounded like the reference's g
         fa = fv.to(ACC)
         gg += g * g
@@ -49,8 +52,10 @@ def _residual_norms_kernel(x_ptr, fx_ptr, sq_ptr, D, stride_x, stride_fx, stride
 
 @triton.jit
 def _fixed_point_advance_kernel(x_ptr, fx_ptr, best_ptr, improved_ptr, active_ptr, D,
-                                stride_x, stride_fx, stride_best, BLOCK_D: tl.constexpr):
-    """``best[b] = fx[b]`` if ``improved[b]``; ``x[b] = fx[b]`` if ``active[b]`` (masked stores).
+                                stride_x, stride_fx, stride_best, tau, DAMPED: tl.constexpr,
+                                BLOCK_D: tl.constexpr):
+    """``best[b] = y[b]`` if ``improved[b]``; ``x[b] = y[b]`` if ``active[b]`` (masked stores),
+    ``y`` the damped ``fx``.
 
     Shapes: ``x, fx, best [B, D]`` (state dtype), ``improved, active [B]`` bool. No arithmetic.
     Bytes: read fx (only for samples with a flag set), write x and/or best -> at most
@@ -65,17 +70,23 @@ def _fixed_point_advance_kernel(x_ptr, fx_ptr, best_ptr, improved_ptr, active_pt
             offs = d0 + cols
             dm = offs < D
             fv = tl.load(fx_ptr + b * stride_fx + offs, mask=dm, other=0.0)
+            if DAMPED:
+                xv = tl.load(x_ptr + b * stride_x + offs, mask=dm, other=0.0)
+                fv = (tau * fv.to(tl.float32 if xv.dtype != tl.float64 else tl.float64)
+                      + (1.0 - tau) * xv.to(tl.float32 if xv.dtype != tl.float64 else tl.float64)
+                      ).to(xv.dtype)
             tl.store(best_ptr + b * stride_best + offs, fv, mask=dm & imp)
             tl.store(x_ptr + b * stride_x + offs, fv, mask=dm & act)
 
 
-def residual_norms(x: torch.Tensor, fx: torch.Tensor, sq: torch.Tensor) -> None:
+def residual_norms(x: torch.Tensor, fx: torch.Tensor, sq: torch.Tensor, tau: float = 1.0) -> None:
     """Per-sample squared residual and ``f`` norms, in place into ``sq``.
 
     Args:
         x: ``[B, D]`` current iterate (float32/float64/float16/bfloat16).
         fx: ``[B, D]`` ``f(x)``, same dtype as ``x``.
         sq: ``[B, 2]`` output, float32 (float64 for float64 states); row stride free, unit inner.
+        tau: damping; the norms are those of ``tau·fx + (1 - tau)·x``.
 
     Returns:
         None (``sq[:, 0] = ||fx - x||^2``, ``sq[:, 1] = ||fx||^2``).
@@ -89,12 +100,12 @@ def residual_norms(x: torch.Tensor, fx: torch.Tensor, sq: torch.Tensor) -> None:
     check("fx", fx, (B, D), x.dtype, x.device, unit_inner=False)
     check("sq", sq, (B, 2), acc_dtype_of(x.dtype), x.device)
     x, fx = unit_inner(x), unit_inner(fx)
-    _residual_norms_kernel[(B,)](x, fx, sq, D, x.stride(0), fx.stride(0), sq.stride(0),
-                                 BLOCK_D=block_d(D), num_warps=4)
+    _residual_norms_kernel[(B,)](x, fx, sq, D, x.stride(0), fx.stride(0), sq.stride(0), float(tau),
+                                 DAMPED=tau != 1.0, BLOCK_D=block_d(D), num_warps=4)
 
 
 def fixed_point_advance(x: torch.Tensor, fx: torch.Tensor, best: torch.Tensor,
-                        improved: torch.Tensor, active: torch.Tensor) -> None:
+                        improved: torch.Tensor, active: torch.Tensor, tau: float = 1.0) -> None:
     """In place: ``best = fx`` where ``improved``; ``x = fx`` where ``active`` (per sample).
 
     Args:
@@ -102,6 +113,7 @@ def fixed_point_advance(x: torch.Tensor, fx: torch.Tensor, best: torch.Tensor,
         fx: ``[B, D]`` the (damped) ``f(x)``, same dtype.
         best: ``[B, D]`` best-so-far estimate, updated in place.
         improved, active: ``[B]`` bool flags.
+        tau: damping; ``y = tau·fx + (1 - tau)·x`` is what is stored.
 
     Returns:
         None.
@@ -120,4 +132,5 @@ def fixed_point_advance(x: torch.Tensor, fx: torch.Tensor, best: torch.Tensor,
     check("active", active, (B,), torch.bool, x.device)
     fx = unit_inner(fx)
     _fixed_point_advance_kernel[(B,)](x, fx, best, improved, active, D, x.stride(0), fx.stride(0),
-                                      best.stride(0), BLOCK_D=block_d(D), num_warps=4)
+                                      best.stride(0), float(tau), DAMPED=tau != 1.0,
+                                      BLOCK_D=block_d(D), num_warps=4)

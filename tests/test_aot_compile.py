@@ -32,7 +32,7 @@ CASES = [(op, state) for op in OPS for state in STATE_TYPES
 # pointer arguments by role (every kernel names its pointers *_ptr)
 ACC_PTRS = {"gram_ptr", "sq_ptr", "ab_ptr", "scal_ptr", "lowest_ptr", "best_step_ptr", "trace_ptr"}
 BOOL_PTRS = {"improved_ptr", "active_ptr"}
-FLOAT_ARGS = {"lam", "beta", "step", "tol", "rel_eps"}
+FLOAT_ARGS = {"lam", "beta", "step", "tol", "rel_eps", "tau"}
 BOOL_ARGS = {"scaled", "keep_f", "whole_batch", "stop_together", "always_update"}
 
 
@@ -72,8 +72,8 @@ def compile_all() -> dict:
                          broyden["num_warps"]),
         "broyden_update": (dict(L_PAD=broyden["L_PAD"], BLOCK_D=broyden["BLOCK_D"]),
                            broyden["num_warps"]),
-        "residual_norms": (dict(BLOCK_D=_common.block_d(4096)), 4),
-        "fixed_point_advance": (dict(BLOCK_D=_common.block_d(4096)), 4),
+        "residual_norms": (dict(DAMPED=True, BLOCK_D=_common.block_d(4096)), 4),
+        "fixed_point_advance": (dict(DAMPED=True, BLOCK_D=_common.block_d(4096)), 4),
         "track_status": (dict(BLOCK_B=256), 4),
     }
     assert set(configs) == set(K.KERNELS) == set(OPS)

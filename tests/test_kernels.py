@@ -88,16 +88,20 @@ def assert_outputs(names, got, want, tol):
 
 
 # ---------------------------------------------------------------- residual norms / fixed point
+@pytest.mark.parametrize("tau", [1.0, 0.6], ids=["plain", "damped"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
 @pytest.mark.parametrize("B,D", [(1, 37), (3, 130)], ids=["B1-D37", "B3-D130"])
-def test_residual_norms(dtype, B, D):
+def test_residual_norms(dtype, B, D, tau):
     gen = _gen("rn", dtype, B, D)
     x, fx = _randn(gen, (B, D), dtype), _randn(gen, (B, D), dtype)
     sq_k = torch.full((B, 2), NAN, dtype=_acc(dtype), device=DEVICE)
     sq_r = sq_k.clone()
-    K.residual_norms(x, fx, sq_k)
-    R.residual_norms(x, fx, sq_r)
+    K.residual_norms(x, fx, sq_k, tau)
+    R.residual_norms(x, fx, sq_r, tau)
     assert_outputs(["sq"], [sq_k], [sq_r], TOL[dtype])
+    if tau != 1.0:                      # negative check: the damping is not ignored
+        R.residual_norms(x, fx, sq_r)
+        assert max_err(sq_k, sq_r) > TOL[dtype]
 
 
 def test_residual_norms_strided_fx():
@@ -110,16 +114,18 @@ def test_residual_norms_strided_fx():
     assert max_err(sq_k, sq_r) <= TOL[torch.float32]
 
 
+@pytest.mark.parametrize("tau", [1.0, 0.6], ids=["plain", "damped"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
 @pytest.mark.parametrize("B,D", [(1, 37), (3, 130)], ids=["B1-D37", "B3-D130"])
-def test_fixed_point_advance(dtype, B, D):
+def test_fixed_point_advance(dtype, B, D, tau):
     gen = _gen("fpa", dtype, B, D)
     x, fx, best = (_randn(gen, (B, D), dtype) for _ in range(3))
     improved, active = _flags(gen, B), _flags(gen, B)
     got, want = [x.clone(), best.clone()], [x.clone(), best.clone()]
-    K.fixed_point_advance(got[0], fx, got[1], improved, active)
-    R.fixed_point_advance(want[0], fx, want[1], improved, active)
-    assert_outputs(["x", "best"], got, want, 0.0)          # pure copies: exact
+    K.fixed_point_advance(got[0], fx, got[1], improved, active, tau)
+    R.fixed_point_advance(want[0], fx, want[1], improved, active, tau)
+    # plain: pure copies, exact; damped: one rounding of tau·f + (1 - tau)·x (fused in-kernel)
+    assert_outputs(["x", "best"], got, want, 0.0 if tau == 1.0 else TOL[dtype])
 
 
 # ---------------------------------------------------------------------------------- Anderson
@@ -476,15 +482,17 @@ def _count(fn) -> collections.Counter:
     return mode.ops
 
 
-@pytest.mark.parametrize("method", ["anderson", "broyden", "fixed_point"])
-def test_launches_per_iteration(method):
+@pytest.mark.parametrize("method,tau", [("anderson", 1.0), ("broyden", 1.0), ("fixed_point", 1.0),
+                                        ("anderson", 0.7), ("fixed_point", 0.7)])
+def test_launches_per_iteration(method, tau):
     """Triton path: exactly 3 fused launches per iteration besides ``f`` (pass 1, status, pass 2;
-    fixed point: norms, status, advance), no other op and no host sync (``check_every=0``)."""
+    fixed point: norms, status, advance; damping included), no other op and no host sync
+    (``check_every=0``)."""
     f, x0 = _problem(B=2)
     f_ops = _count(lambda: f(x0))
 
     def solve(n):
-        return _count(lambda: deq_fast.solve(f, x0, method=method, max_iter=n, tol=0.0, m=3,
+        return _count(lambda: deq_fast.solve(f, x0, method=method, max_iter=n, tol=0.0, m=3, tau=tau,
                                              check_every=0, backend="triton"))
 
     n1, n2 = 4, 7

@@ -64,16 +64,16 @@ def broyden_update(x: Tensor, g: Tensor, dx: Tensor, U: Tensor, V: Tensor, ab: T
 
 
 @custom_op("deq_fast::residual_norms", mutates_args=("sq",))
-def residual_norms(x: Tensor, fx: Tensor, sq: Tensor) -> None:
-    """Per-sample squared residual norms (see ``deq_fast.ops.fixed_point``)."""
-    residual_norms_reference(x, fx, sq)
+def residual_norms(x: Tensor, fx: Tensor, sq: Tensor, tau: float = 1.0) -> None:
+    """Per-sample squared residual norms of the damped map (see ``deq_fast.ops.fixed_point``)."""
+    residual_norms_reference(x, fx, sq, tau)
 
 
 @custom_op("deq_fast::fixed_point_advance", mutates_args=("x", "best"))
 def fixed_point_advance(x: Tensor, fx: Tensor, best: Tensor, improved: Tensor,
-                        active: Tensor) -> None:
-    """Fixed-point advance (see ``deq_fast.ops.fixed_point``)."""
-    fixed_point_advance_reference(x, fx, best, improved, active)
+                        active: Tensor, tau: float = 1.0) -> None:
+    """Fixed-point advance to the damped map (see ``deq_fast.ops.fixed_point``)."""
+    fixed_point_advance_reference(x, fx, best, improved, active, tau)
 
 
 @custom_op("deq_fast::track_status",
