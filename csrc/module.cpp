@@ -1,8 +1,10 @@
-// The Python module deq_fast._C. Its only job is to be importable: loading the shared library runs
-// the static TORCH_LIBRARY_FRAGMENT / TORCH_LIBRARY_IMPL registrations of every csrc/*.cpp and
-// csrc/*.cu, after which the ops are reachable as torch.ops.deq_fast.*. No pybind11 and no
-// torch/extension.h (which costs ~25 s of compile), as in pytorch/extension-cpp.
+// The Python module deq_fast._C. Importing it runs the static TORCH_LIBRARY_FRAGMENT /
+// TORCH_LIBRARY_IMPL registrations of every csrc/*.cpp and csrc/*.cu (the ops are then reachable
+// as torch.ops.deq_fast.*) and adds the module function backward_solve (csrc/backward.cpp). No
+// pybind11 and no torch/extension.h here (it costs ~25 s of compile), as in pytorch/extension-cpp.
 #include <Python.h>
+
+#include "backward.h"  // register_backward_bindings
 
 extern "C" {
 
@@ -14,7 +16,13 @@ PyMODINIT_FUNC PyInit__C(void) {
       -1,                                                               // no per-module state
       nullptr,                                                          // no methods
   };
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  if (register_backward_bindings(module) != 0) {  // adds backward_solve (csrc/backward.cpp)
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 
 }  // extern "C"

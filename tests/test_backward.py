@@ -1,0 +1,434 @@
+"""The backward linear solve ``deq_fast.backward.implicit_backward`` (C++ loop and Python oracle)
+and its registered ops ``deq_fast::bwd_*``.
+
+Reference: the dense solution ``(I - J^T)^{-1} grad`` from the explicit per-sample Jacobian of
+``f(z) = tanh(W z + b)`` with ``W`` scaled to spectral radius 0.9.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from deq_fast import _ext
+from deq_fast import backward as bw
+from deq_fast.backward import implicit_backward, shine_apply
+
+ITERATIVE = ("fixed_point", "anderson", "broyden", "gmres")
+# a missing build is a failure, not a skip (CI builds the extension); only an explicit opt-out skips
+needs_ext = pytest.mark.skipif(os.environ.get("DEQ_FAST_NO_EXT") == "1",
+                               reason="DEQ_FAST_NO_EXT=1: the extension is deliberately not used")
+BACKENDS = [pytest.param("python", id="python"), pytest.param("cpp", id="cpp", marks=needs_ext)]
+# tolerance on the solve -> bound on the error against the dense solution (condition number ~10)
+TOL = {torch.float64: (1e-11, 1e-8), torch.float32: (1e-6, 1e-4)}
+
+
+def make_problem(B: int, D: int, dtype: torch.dtype, rho: float = 0.9, seed: int = 0):
+    """f(z) = tanh(z W^T + b); returns fz, z, grad and the dense solution (float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(D, D, generator=gen, dtype=torch.float64)
+    W = W * (rho / torch.linalg.eigvals(W).abs().max())
+    b = 0.1 * torch.randn(D, generator=gen, dtype=torch.float64)
+    z0 = 0.3 * torch.randn(B, D, generator=gen, dtype=torch.float64)
+    grad = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    z = z0.to(dtype).requires_grad_()
+    fz = torch.tanh(z @ W.to(dtype).T + b.to(dtype))
+    return fz, z, grad.to(dtype), dense_solution(z0.to(dtype).double(), W, b, grad.to(dtype).double())
+
+
+def dense_solution(z, W, b, grad):
+    d = 1 - torch.tanh(z @ W.T + b) ** 2  # J_b = diag(d_b) W
+    eye = torch.eye(W.shape[0], dtype=torch.float64)
+    return torch.stack([torch.linalg.solve(eye - (d[i][:, None] * W).T, grad[i])
+                        for i in range(z.shape[0])])
+
+
+def rel_err(a, ref):
+    return ((a.double() - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
+
+
+def measured_residual(fz, z, grad, g):
+    jtg = torch.autograd.grad(fz, z, g.to(fz.dtype), retain_graph=True)[0]
+    return ((grad + jtg - g).double().norm(dim=1) / grad.double().norm(dim=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# every method against the dense solution
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ITERATIVE + ("auto",))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("B,D", [(1, 5), (3, 17)], ids=["B1D5", "B3D17"])
+def test_matches_dense_solution(B, D, dtype, method, backend):
+    fz, z, grad, ref = make_problem(B, D, dtype, seed=B * 100 + D)
+    tol, bound = TOL[dtype]
+    g, info = implicit_backward(fz, z, grad, method=method, tol=tol, max_iter=2000,
+                                backend=backend)
+    assert g.shape == grad.shape and g.dtype == dtype
+    assert rel_err(g, ref) <= bound
+    assert info["converged"].all() and info["converged"].dtype == torch.bool
+    assert info["backend"] == backend
+    assert info["method"] == (bw.DEFAULT_METHOD if method == "auto" else method)
+    assert isinstance(info["nvjp"], int) and 1 <= info["nvjp"] <= 2000
+    assert info["rel_residual"].shape == (B,) and (info["rel_residual"] <= tol).all()
+    # rel_residual is the measured residual of the returned iterate
+    torch.testing.assert_close(info["rel_residual"].double(), measured_residual(fz, z, grad, g),
+                               rtol=1e-3 if dtype == torch.float32 else 1e-6, atol=tol * 1e-2)
+
+
+@needs_ext
+@pytest.mark.parametrize("method", ITERATIVE)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_cpp_equals_python(method, dtype):
+    """Same algorithm, same iteration count (tol=0: no early stop): same iterates."""
+    fz, z, grad, _ = make_problem(3, 17, dtype, rho=0.95, seed=7)
+    kw = dict(method=method, tol=0.0, max_iter=23, m=4, restart=6, check_every=3)
+    g_py, i_py = implicit_backward(fz, z, grad, backend="python", **kw)
+    g_cpp, i_cpp = implicit_backward(fz, z, grad, backend="cpp", **kw)
+    assert i_py["nvjp"] == i_cpp["nvjp"] == 23
+    assert i_py["nsync"] == i_cpp["nsync"]
+    rtol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(g_cpp, g_py, rtol=rtol, atol=rtol)
+    torch.testing.assert_close(i_cpp["rel_residual"], i_py["rel_residual"], rtol=rtol * 10, atol=0)
+
+
+@needs_ext
+def test_cpp_backend_is_what_runs():
+    """Fails if the C++ loop silently falls back to the Python reference."""
+    module = _ext.load()
+    assert module is not None, _ext.extension_status()[1]
+    assert hasattr(module, "backward_solve"), (
+        "deq_fast._C has no backward_solve: its module init must call "
+        "register_backward_bindings (csrc/backward.h)")
+    fz, z, grad, _ = make_problem(2, 5, torch.float64)
+    _, info = implicit_backward(fz, z, grad)
+    assert info["backend"] == "cpp"
+    for name in bw._OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"deq_fast::{name}", "CPU")
+
+
+def test_forced_cpp_without_extension_raises(monkeypatch):
+    monkeypatch.setenv("DEQ_FAST_NO_EXT", "1")
+    fz, z, grad, ref = make_problem(2, 5, torch.float64)
+    with pytest.raises(RuntimeError, match="backend='cpp'"):
+        implicit_backward(fz, z, grad, backend="cpp")
+    g, info = implicit_backward(fz, z, grad, tol=1e-11)  # auto: the Python reference
+    assert info["backend"] == "python" and rel_err(g, ref) <= 1e-8
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reentrant_inside_autograd_function_backward(backend):
+    """The way the DEQ module calls it: from an autograd.Function backward (GIL, re-entrancy)."""
+    fz0, z0, _, _ = make_problem(3, 17, torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    W = 0.9 * torch.linalg.qr(torch.randn(9, 9, generator=gen, dtype=torch.float64))[0]
+    x = torch.randn(2, 9, dtype=torch.float64, generator=gen)
+
+    class Implicit(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, zstar):
+            ctx.save_for_backward(zstar)
+            return zstar.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            zstar, = ctx.saved_tensors
+            with torch.enable_grad():
+                zz = zstar.detach().requires_grad_()
+                fz = torch.tanh(zz @ W.T + x)
+            g, info = implicit_backward(fz, zz, grad, tol=1e-12, backend=backend)
+            assert info["backend"] == backend
+            return g
+
+    zstar = torch.zeros(2, 9, dtype=torch.float64)
+    for _ in range(200):
+        zstar = torch.tanh(zstar @ W.T + x)
+    leaf = zstar.clone().requires_grad_()
+    out = Implicit.apply(leaf)
+    w = torch.randn(2, 9, dtype=torch.float64, generator=gen)
+    (out * w).sum().backward()
+    ref = dense_solution(zstar, W, x, w)
+    assert rel_err(leaf.grad, ref) <= 1e-9
+
+
+# ---------------------------------------------------------------------------------------------
+# SHINE and warm starts
+# ---------------------------------------------------------------------------------------------
+def exact_factors(fz, z):
+    """U, V with -I + U V^T = (J - I)^{-1} per sample (L = D, V = I)."""
+    B, D = z.shape
+    eye = torch.eye(D, dtype=torch.float64)
+    Us = []
+    for i in range(B):
+        J = torch.stack([torch.autograd.grad(fz[i, k], z, retain_graph=True)[0][i]
+                         for k in range(D)]).double()
+        Us.append(torch.linalg.inv(J - eye) + eye)
+    U = torch.stack(Us).to(z.dtype)  # U[:, l] = column l of H + I, V[:, l] = e_l
+    V = eye.expand(B, D, D).to(z.dtype).contiguous()
+    return U.transpose(1, 2).contiguous(), V
+
+
+def test_shine_equals_formula():
+    gen = torch.Generator().manual_seed(1)
+    grad = torch.randn(3, 7, generator=gen, dtype=torch.float64)
+    U = torch.randn(3, 4, 7, generator=gen, dtype=torch.float64)
+    V = torch.randn(3, 4, 7, generator=gen, dtype=torch.float64)
+    fz = torch.zeros(3, 7, dtype=torch.float64)
+    g, info = implicit_backward(fz, fz, grad, method="shine", factors=(U, V))
+    expected = grad - torch.stack([sum(V[b, l] * (U[b, l] @ grad[b]) for l in range(4))
+                                   for b in range(3)])
+    torch.testing.assert_close(g, expected, rtol=1e-12, atol=1e-12)
+    assert info["nvjp"] == 0 and info["method"] == "shine"
+    assert torch.isnan(info["rel_residual"]).all() and info["converged"].all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ITERATIVE)
+def test_exact_factors_shine_and_warm_start(method, backend):
+    fz, z, grad, ref = make_problem(2, 6, torch.float64, seed=5)
+    U, V = exact_factors(fz, z)
+    g, _ = implicit_backward(fz, z, grad, method="shine", factors=(U, V))
+    assert rel_err(g, ref) <= 1e-10
+    # warm start from the exact SHINE estimate: converged at the first (measuring) VJP
+    g, info = implicit_backward(fz, z, grad, method=method, factors=(U, V), tol=1e-9,
+                                backend=backend)
+    assert info["nvjp"] == 1 and info["converged"].all() and rel_err(g, ref) <= 1e-9
+    # negative check: without factors the same solve needs more VJPs
+    _, info0 = implicit_backward(fz, z, grad, method=method, tol=1e-9, backend=backend)
+    assert info0["nvjp"] > 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_half_precision_state_solved_in_float32(dtype, backend):
+    fz, z, grad, ref = make_problem(2, 17, dtype, seed=12)
+    g, info = implicit_backward(fz, z, grad, tol=1e-2, backend=backend)
+    assert g.dtype == dtype and info["converged"].all()
+    assert rel_err(g, ref) <= 5e-2  # the VJPs themselves are in half precision
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_init_is_used(backend):
+    fz, z, grad, ref = make_problem(3, 17, torch.float64, seed=11)
+    g, info = implicit_backward(fz, z, grad, init=ref.clone(), tol=1e-10, backend=backend)
+    assert info["nvjp"] == 1 and rel_err(g, ref) <= 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: non-convergence, non-finite gradients, wrong arguments
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ITERATIVE)
+def test_non_convergence_returns_best_measured_iterate(method, backend):
+    fz, z, grad, _ = make_problem(3, 17, torch.float64, rho=0.99, seed=2)
+    g, info = implicit_backward(fz, z, grad, method=method, max_iter=4, tol=1e-14,
+                                backend=backend)
+    assert torch.isfinite(g).all() and not info["converged"].any()
+    assert info["nvjp"] <= 4
+    torch.testing.assert_close(info["rel_residual"], measured_residual(fz, z, grad, g),
+                               rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ITERATIVE)
+def test_divergent_problem_never_nan(method, backend):
+    """J = 1.5 I: plain iteration diverges; the best finite iterate is returned."""
+    z = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    fz = 1.5 * z
+    grad = torch.randn(2, 5, dtype=torch.float64)
+    g, info = implicit_backward(fz, z, grad, method=method, max_iter=300, tol=1e-10,
+                                backend=backend)
+    assert torch.isfinite(g).all() and torch.isfinite(info["rel_residual"]).all()
+    torch.testing.assert_close(info["rel_residual"], measured_residual(fz, z, grad, g),
+                               rtol=1e-8, atol=1e-12)
+    if method == "fixed_point":
+        assert not info["converged"].any()
+    else:  # the linear-system methods solve it anyway: g = grad / (1 - 1.5)
+        torch.testing.assert_close(g, -2 * grad, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ITERATIVE)
+def test_nonfinite_and_zero_grad_samples(method, backend):
+    fz, z, grad, ref = make_problem(4, 17, torch.float64, seed=4)
+    grad = grad.clone()
+    grad[1, 3] = math.nan
+    grad[2, 0] = math.inf
+    grad[3] = 0.0
+    g, info = implicit_backward(fz, z, grad, method=method, tol=1e-11, max_iter=500,
+                                backend=backend)
+    assert torch.isnan(g[1]).all() and torch.isnan(g[2]).all()
+    assert (g[3] == 0).all() and rel_err(g[:1], ref[:1]) <= 1e-8
+    assert info["converged"].tolist() == [True, False, False, True]
+    assert torch.isnan(info["rel_residual"][1:3]).all() and info["rel_residual"][3] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sample_result_does_not_depend_on_batch(backend):
+    gen = torch.Generator().manual_seed(9)
+    W = torch.randn(17, 17, generator=gen, dtype=torch.float64)
+    W = W * (0.95 / torch.linalg.eigvals(W).abs().max())
+    b = 0.1 * torch.randn(17, generator=gen, dtype=torch.float64)
+    z = (0.3 * torch.randn(3, 17, generator=gen, dtype=torch.float64)).requires_grad_()
+    grad = torch.randn(3, 17, generator=gen, dtype=torch.float64)
+    g, _ = implicit_backward(torch.tanh(z @ W.T + b), z, grad, tol=1e-10, backend=backend)
+    z1 = z.detach()[1:2].clone().requires_grad_()
+    g1, _ = implicit_backward(torch.tanh(z1 @ W.T + b), z1, grad[1:2], tol=1e-10, backend=backend)
+    torch.testing.assert_close(g1, g[1:2], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="newton"), "method"), (dict(max_iter=0), "max_iter"), (dict(tol=-1.0), "tol"),
+    (dict(m=0), "m must"), (dict(lam=-1.0), "lam"), (dict(restart=65), "restart"),
+    (dict(check_every=0), "check_every"), (dict(backend="gpu"), "backend"),
+    (dict(init=torch.zeros(3, 4)), "init"), (dict(method="shine"), "factors"),
+    (dict(factors=(torch.zeros(2, 1, 5), torch.zeros(2, 1, 5))), "factors U"),
+], ids=["method", "max_iter", "tol", "m", "lam", "restart", "check_every", "backend", "init",
+        "shine-no-factors", "factors-shape"])
+def test_rejects_bad_arguments(kwargs, match):
+    fz, z, grad, _ = make_problem(3, 5, torch.float64)
+    with pytest.raises(ValueError, match=match):
+        implicit_backward(fz, z, grad, **kwargs)
+
+
+def test_rejects_bad_tensors():
+    fz, z, grad, _ = make_problem(3, 5, torch.float64)
+    with pytest.raises(ValueError, match="grad"):
+        implicit_backward(fz, z, grad[:, :4])
+    with pytest.raises(ValueError, match="z must be a 2-D"):
+        implicit_backward(fz, z[0], grad)
+    with pytest.raises(ValueError, match="requires_grad|require grad"):
+        implicit_backward(fz.detach(), z, grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# parameters are not ignored; host syncs are bounded
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_anderson_lam_and_m_matter(backend):
+    fz, z, grad, _ = make_problem(3, 17, torch.float64, rho=0.95, seed=3)
+    kw = dict(method="anderson", tol=0.0, max_iter=12, backend=backend)
+    g_a, _ = implicit_backward(fz, z, grad, lam=1e-4, **kw)
+    g_b, _ = implicit_backward(fz, z, grad, lam=1.0, **kw)
+    g_c, _ = implicit_backward(fz, z, grad, m=2, **kw)
+    assert rel_err(g_a, g_b.double()) > 1e-6 and rel_err(g_a, g_c.double()) > 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gmres_restart_matters(backend):
+    fz, z, grad, _ = make_problem(2, 17, torch.float64, rho=0.95, seed=3)
+    _, i_a = implicit_backward(fz, z, grad, method="gmres", tol=1e-12, restart=20, backend=backend)
+    _, i_b = implicit_backward(fz, z, grad, method="gmres", tol=1e-12, restart=2, backend=backend)
+    assert i_b["nvjp"] > i_a["nvjp"]
+
+
+class SyncCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ITERATIVE)
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_host_syncs_are_bounded(method, backend, check_every):
+    fz, z, grad, _ = make_problem(3, 17, torch.float64, rho=0.95, seed=6)
+    restart = 8
+    with SyncCounter() as counter:
+        _, info = implicit_backward(fz, z, grad, method=method, tol=1e-10, max_iter=400,
+                                    restart=restart, check_every=check_every, backend=backend)
+    assert info["converged"].all()
+    assert counter.syncs == info["nsync"]
+    its = info["nvjp"] + 1
+    cycles = math.ceil(its / restart) if method == "gmres" else 0
+    assert counter.syncs <= math.ceil(its / check_every) + cycles + 1
+    if check_every == 4:
+        assert counter.syncs < its / 2  # negative check: not one sync per iteration
+
+
+# ---------------------------------------------------------------------------------------------
+# the registered ops: schema, fake kernels, PT2 (opcheck)
+# ---------------------------------------------------------------------------------------------
+def _op_samples(dtype):
+    gen = torch.Generator().manual_seed(0)
+    B, D, m = 3, 7, 4
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    active = torch.tensor([True, False, True])
+    ign = torch.rand(B, generator=gen, dtype=torch.float64) + 0.5
+    best_rel = torch.tensor([math.inf, 1.0, 1e-3], dtype=torch.float64)
+    gram = torch.zeros(B, m, m, dtype=torch.float64)
+    G = rnd(m, B, D)
+    for i in range(2):
+        for j in range(2):
+            gram[:, i, j] = (G[i].double() * G[j].double()).sum(1)
+    Q = torch.zeros(m + 1, B, D, dtype=dtype)
+    Q[0] = torch.nn.functional.normalize(rnd(B, D), dim=1)
+    s = torch.zeros(B, m + 1, dtype=torch.float64)
+    s[:, 0] = 2.0
+    R = torch.rand(B, m, m + 1, generator=gen, dtype=torch.float64) + torch.eye(m, m + 1)
+    kdim = torch.tensor([2, 0, 3])
+    return {
+        "bwd_track": (rnd(B, D), rnd(B, D), rnd(B, D), ign, rnd(B, D), rnd(B, D), best_rel,
+                      active.clone(), 1e-2),
+        "bwd_masked_add": (rnd(B, D), rnd(B, D), active),
+        "bwd_anderson_mix": (rnd(B, D), rnd(B, D), rnd(m, B, D), G, gram, active, 2, 3, 1e-4),
+        "bwd_broyden_step": (rnd(B, D), rnd(B, D), rnd(B, D), rnd(B, D), rnd(m, B, D),
+                             rnd(m, B, D), active, 2, 2),
+        "bwd_gmres_start": (rnd(B, D), active, Q.clone(), s.clone(), kdim.clone(),
+                            torch.zeros(B, dtype=torch.bool)),
+        "bwd_gmres_arnoldi": (rnd(B, D), Q.clone(), R.clone(), torch.zeros(B, m, dtype=torch.float64),
+                              torch.zeros(B, m, dtype=torch.float64), s.clone(),
+                              kdim.clone(), active.clone(), ign, 0, 1e-3),
+        "bwd_gmres_update": (rnd(B, D), rnd(m + 1, B, D), R, s, kdim),
+    }
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", bw._OPS)
+def test_opcheck(name, dtype):
+    assert bw._cpp_module() is not None, _ext.extension_status()[1]
+    args = _op_samples(dtype)[name]
+    torch.library.opcheck(getattr(torch.ops.deq_fast, name).default, args)
+
+
+_REFERENCE_OPS = {
+    "bwd_track": bw._ref_track, "bwd_anderson_mix": bw._ref_anderson_mix,
+    "bwd_broyden_step": bw._ref_broyden_step, "bwd_gmres_start": bw._ref_gmres_start,
+    "bwd_gmres_arnoldi": bw._ref_gmres_arnoldi, "bwd_gmres_update": bw._ref_gmres_update,
+}
+
+
+@needs_ext
+@pytest.mark.parametrize("name", sorted(_REFERENCE_OPS))
+def test_op_matches_python_reference(name):
+    assert bw._cpp_module() is not None, _ext.extension_status()[1]
+    args_c = _op_samples(torch.float64)[name]
+    args_p = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args_c)
+    getattr(torch.ops.deq_fast, name)(*args_c)
+    _REFERENCE_OPS[name](*args_p)
+    for a, b in zip(args_c, args_p):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_every_op_has_cpu_and_cuda_registration_in_source():
+    """The CUDA build check (.ci/cuda_build_check.sh) asserts the registered CUDA kernels; this
+    cheap check keeps the op list, the schemas and both registrations in step."""
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    cpp, cu = (csrc / "backward.cpp").read_text(), (csrc / "backward_cuda.cu").read_text()
+    for name in bw._OPS:
+        assert f'm.def("{name}(' in cpp and f'm.impl("{name}", &{name}_cpu)' in cpp
+        assert f'm.impl("{name}", &{name}_cuda)' in cu
