@@ -65,7 +65,6 @@ class EngineState:
     n_updates: int = 0               # Broyden rank-1 updates made
     index_list: list = dataclasses.field(default_factory=list)
     index_live: list = dataclasses.field(default_factory=list)
-    flags: dict = dataclasses.field(default_factory=dict)   # extra device flags (e.g. prot_break)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
