@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+import zlib
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def assert_same(ours, theirs):
 @pytest.mark.parametrize("stop_mode", ["abs", "rel"])
 @pytest.mark.parametrize("shape", [(4, 50), (1, 7), (3, 2, 5, 3), (6,)], ids=["B4-D50", "B1-D7", "4d", "1d"])
 def test_matches_torchdeq(name, stop_mode, shape):
-    f = contraction(shape, seed=hash((name, stop_mode, shape)) % 1000)
+    f = contraction(shape, seed=zlib.crc32(repr((name, stop_mode, shape)).encode()) % 1000)
     x0 = torch.zeros(shape)
     kw = dict(max_iter=30, tol=1e-5, stop_mode=stop_mode)
     assert_same(deq_fast.get_solver(name)(f, x0, **kw), torchdeq_solver.get_solver(name)(f, x0, **kw))
