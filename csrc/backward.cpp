@@ -56,21 +56,110 @@ void check_small(const Tensor& t, const char* name, at::ScalarType dtype, int64_
 // (~64K elements) to pay for the fork/join of the thread pool.
 int64_t grain(int64_t D) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(D, 1)); }
 
-// Dot product accumulated in double; four partial sums let the compiler vectorise the loop
-// (a single strictly ordered sum cannot be).
+// ---- streaming helpers (the CPU kernels are bound by memory traffic over the histories) -------
+// Built twice where the toolchain can: for x86-64-v3 (AVX2/FMA) and for the baseline, picked at
+// load time (GCC function multi-versioning); elsewhere only the baseline version exists.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DEQ_FAST_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define DEQ_FAST_CLONES
+#endif
+
+// Elements per tile of the history combinations: the double accumulators stay in L1/L2.
+constexpr int64_t kTile = 2048;
+
+// Dot products: 16 lanes in the state dtype over blocks of 256 elements (vectorisable: a strictly
+// ordered sum is not), each block's sum accumulated in double. For fp32 states a block sum carries
+// at most ~16 fp32 roundings, far below the fp32 data's own precision.
+constexpr int64_t kLanes = 16, kBlock = 256;
+
 template <typename scalar_t>
-double dot(const scalar_t* a, const scalar_t* b, int64_t D) {
-  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+__attribute__((always_inline)) inline double dot_impl(const scalar_t* a, const scalar_t* b,
+                                                      int64_t D) {
+  double total = 0.0;
   int64_t i = 0;
-  for (; i + 4 <= D; i += 4) {
-    s0 += static_cast<double>(a[i]) * static_cast<double>(b[i]);
-    s1 += static_cast<double>(a[i + 1]) * static_cast<double>(b[i + 1]);
-    s2 += static_cast<double>(a[i + 2]) * static_cast<double>(b[i + 2]);
-    s3 += static_cast<double>(a[i + 3]) * static_cast<double>(b[i + 3]);
+  for (; i + kBlock <= D; i += kBlock) {
+    scalar_t s[kLanes] = {};
+    for (int64_t k = 0; k < kBlock; k += kLanes)
+      for (int64_t j = 0; j < kLanes; ++j) s[j] += a[i + k + j] * b[i + k + j];
+    double t = 0.0;
+    for (int64_t j = 0; j < kLanes; ++j) t += static_cast<double>(s[j]);
+    total += t;
   }
-  for (; i < D; ++i) s0 += static_cast<double>(a[i]) * static_cast<double>(b[i]);
-  return (s0 + s1) + (s2 + s3);
+  for (; i < D; ++i) total += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+  return total;
 }
+
+// <a, b> and <a, c> in one pass over a.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void dot2_impl(const scalar_t* a, const scalar_t* b,
+                                                     const scalar_t* c, int64_t D, double* ab,
+                                                     double* ac) {
+  double tb = 0.0, tc = 0.0;
+  int64_t i = 0;
+  for (; i + kBlock <= D; i += kBlock) {
+    scalar_t sb[kLanes] = {}, sc[kLanes] = {};
+    for (int64_t k = 0; k < kBlock; k += kLanes)
+      for (int64_t j = 0; j < kLanes; ++j) {
+        sb[j] += a[i + k + j] * b[i + k + j];
+        sc[j] += a[i + k + j] * c[i + k + j];
+      }
+    double ub = 0.0, uc = 0.0;
+    for (int64_t j = 0; j < kLanes; ++j) {
+      ub += static_cast<double>(sb[j]);
+      uc += static_cast<double>(sc[j]);
+    }
+    tb += ub;
+    tc += uc;
+  }
+  for (; i < D; ++i) {
+    tb += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+    tc += static_cast<double>(a[i]) * static_cast<double>(c[i]);
+  }
+  *ab = tb;
+  *ac = tc;
+}
+
+// acc[0 .. len) += sum_{l < n, l != skip} c[l] * hist[l * hs + 0 .. len), in slot order per
+// element. Four slots per sweep over the accumulators (one load/store of acc per four columns).
+template <typename scalar_t>
+__attribute__((always_inline)) inline void combine_impl(double* acc, const double* c, const scalar_t* hist, int64_t hs, int64_t n,
+                         int64_t skip, int64_t len) {
+  int64_t idx[kMaxHistory];
+  int64_t k = 0;
+  for (int64_t l = 0; l < n; ++l)
+    if (l != skip) idx[k++] = l;
+  int64_t j = 0;
+  for (; j + 4 <= k; j += 4) {
+    const scalar_t* h0 = hist + idx[j] * hs;
+    const scalar_t* h1 = hist + idx[j + 1] * hs;
+    const scalar_t* h2 = hist + idx[j + 2] * hs;
+    const scalar_t* h3 = hist + idx[j + 3] * hs;
+    const double c0 = c[idx[j]], c1 = c[idx[j + 1]], c2 = c[idx[j + 2]], c3 = c[idx[j + 3]];
+    for (int64_t i = 0; i < len; ++i)
+      acc[i] = (((acc[i] + c0 * static_cast<double>(h0[i])) + c1 * static_cast<double>(h1[i])) +
+                c2 * static_cast<double>(h2[i])) + c3 * static_cast<double>(h3[i]);
+  }
+  for (; j < k; ++j) {
+    const scalar_t* hl = hist + idx[j] * hs;
+    const double cl = c[idx[j]];
+    for (int64_t i = 0; i < len; ++i) acc[i] += cl * static_cast<double>(hl[i]);
+  }
+}
+
+#define DEQ_FAST_STREAMING(T)                                                                      \
+  DEQ_FAST_CLONES double dot(const T* a, const T* b, int64_t D) { return dot_impl(a, b, D); }     \
+  DEQ_FAST_CLONES void dot2(const T* a, const T* b, const T* c, int64_t D, double* ab,             \
+                            double* ac) {                                                          \
+    dot2_impl(a, b, c, D, ab, ac);                                                                 \
+  }                                                                                                \
+  DEQ_FAST_CLONES void combine_tile(double* acc, const double* c, const T* hist, int64_t hs,       \
+                                    int64_t n, int64_t skip, int64_t len) {                        \
+    combine_impl(acc, c, hist, hs, n, skip, len);                                                  \
+  }
+DEQ_FAST_STREAMING(float)
+DEQ_FAST_STREAMING(double)
+#undef DEQ_FAST_STREAMING
 
 // ---- CPU kernels -----------------------------------------------------------------------------
 
@@ -169,10 +258,12 @@ void bwd_anderson_mix_cpu(const Tensor& x, const Tensor& r, const Tensor& F, con
         }
         anderson_alpha(static_cast<int>(n), gb, static_cast<int>(m), lam, static_cast<int>(slot),
                        work, alpha);
-        for (int64_t i = 0; i < D; ++i) {
-          double acc = 0.0;
-          for (int64_t k = 0; k < n; ++k) acc += alpha[k] * static_cast<double>(Fp[k * hs + o + i]);
-          xp[o + i] = static_cast<scalar_t>(acc);
+        double acc[kTile];
+        for (int64_t t0 = 0; t0 < D; t0 += kTile) {
+          const int64_t len = std::min(kTile, D - t0);
+          std::fill(acc, acc + len, 0.0);
+          combine_tile(acc, alpha, Fp + o + t0, hs, n, -1, len);
+          for (int64_t i = 0; i < len; ++i) xp[o + t0 + i] = static_cast<scalar_t>(acc[i]);
         }
       }
     });
@@ -190,7 +281,12 @@ void bwd_broyden_step_cpu(const Tensor& x, const Tensor& r, const Tensor& r_prev
                   (slot < 0 || slot <= n),
               "bad n/slot: ", n, "/", slot);
   check_small(active, "active", at::kBool, B);
-  const int64_t n_after = slot >= 0 ? std::max(n, slot + 1) : n;
+  // Three passes over the kept columns (4n column reads; the CUDA kernel's direct form reads 6n):
+  //   dots    a_l = <u_l, dx>, b_l = <v_l, r>, c_l = <v_l, r_prev>              (U and V once)
+  //   V pass  v = -dx + sum a_l v_l  (= H^T dx), den = <v, dr>, vr = <v, r>     (dr = r - r_prev)
+  //   U pass  Hr = -r + sum b_l u_l, Hdr = -dr + sum (b_l - c_l) u_l,
+  //           u = (dx - Hdr) / den, dx' = -H' r = -Hr - vr u
+  // (H excludes column `slot`, which the update overwrites; a failed denominator zeroes u and v.)
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bwd_broyden_step", [&] {
     scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* rp = r.data_ptr<scalar_t>();
@@ -200,50 +296,62 @@ void bwd_broyden_step_cpu(const Tensor& x, const Tensor& r, const Tensor& r_prev
     scalar_t* Vp = V.data_ptr<scalar_t>();
     const bool* act = active.data_ptr<bool>();
     const int64_t hs = B * D;
+    const bool update = slot >= 0;
     at::parallel_for(0, B, grain(D), [&](int64_t b0, int64_t b1) {
-      double cu[kMaxHistory], cv[kMaxHistory];
+      double a[kMaxHistory], bc[kMaxHistory], c[kMaxHistory], hr[kTile], hd[kTile];
       for (int64_t b = b0; b < b1; ++b) {
         if (!act[b]) continue;
         const int64_t o = b * D;
-        if (slot >= 0) {
-          // dr = r - r_prev, kept in r_prev; coefficients over the kept columns
-          for (int64_t i = 0; i < D; ++i) pp[o + i] = rp[o + i] - pp[o + i];
-          for (int64_t l = 0; l < n; ++l) {
-            const bool keep = l != slot;
-            cu[l] = keep ? dot(dp + o, Up + l * hs + o, D) : 0.0;   // <dx, u_l>
-            cv[l] = keep ? dot(Vp + l * hs + o, pp + o, D) : 0.0;   // <v_l, dr>
-          }
-          // v = -dx + sum_l cu_l v_l ; Hdr = -dr + sum_l cv_l u_l ; den = <v, dr>
-          double den = 0.0;
-          scalar_t* us = Up + slot * hs + o;
-          scalar_t* vs = Vp + slot * hs + o;
-          for (int64_t i = 0; i < D; ++i) {
-            double v = -static_cast<double>(dp[o + i]);
-            double h = -static_cast<double>(pp[o + i]);
-            for (int64_t l = 0; l < n; ++l) {
-              if (l == slot) continue;
-              v += cu[l] * static_cast<double>(Vp[l * hs + o + i]);
-              h += cv[l] * static_cast<double>(Up[l * hs + o + i]);
-            }
-            den += v * static_cast<double>(pp[o + i]);
-            vs[i] = static_cast<scalar_t>(v);
-            us[i] = static_cast<scalar_t>(static_cast<double>(dp[o + i]) - h);  // numerator of u
-          }
-          if (broyden_denominator_ok(den)) {
-            for (int64_t i = 0; i < D; ++i) us[i] = static_cast<scalar_t>(us[i] / den);
+        for (int64_t l = 0; l < n; ++l) {
+          a[l] = bc[l] = c[l] = 0.0;
+          if (l == slot) continue;
+          if (update) {
+            a[l] = dot(Up + l * hs + o, dp + o, D);
+            dot2(Vp + l * hs + o, rp + o, pp + o, D, &bc[l], &c[l]);
           } else {
-            std::fill(us, us + D, scalar_t(0));
-            std::fill(vs, vs + D, scalar_t(0));
+            bc[l] = dot(Vp + l * hs + o, rp + o, D);
           }
         }
-        // step dx = -H r = r - sum_l u_l <v_l, r>
-        for (int64_t l = 0; l < n_after; ++l) cv[l] = dot(Vp + l * hs + o, rp + o, D);
-        for (int64_t i = 0; i < D; ++i) {
-          double d = static_cast<double>(rp[o + i]);
-          for (int64_t l = 0; l < n_after; ++l) d -= cv[l] * static_cast<double>(Up[l * hs + o + i]);
-          dp[o + i] = static_cast<scalar_t>(d);
-          xp[o + i] += dp[o + i];
-          pp[o + i] = rp[o + i];
+        double den = 0.0, vr = 0.0;
+        if (update) {
+          scalar_t* vs = Vp + slot * hs + o;
+          for (int64_t t0 = 0; t0 < D; t0 += kTile) {
+            const int64_t len = std::min(kTile, D - t0), ot = o + t0;
+            for (int64_t i = 0; i < len; ++i) hr[i] = -static_cast<double>(dp[ot + i]);
+            combine_tile(hr, a, Vp + ot, hs, n, slot, len);
+            for (int64_t i = 0; i < len; ++i) {
+              const double ri = static_cast<double>(rp[ot + i]);
+              den += hr[i] * (ri - static_cast<double>(pp[ot + i]));
+              vr += hr[i] * ri;
+              vs[t0 + i] = static_cast<scalar_t>(hr[i]);
+            }
+          }
+        }
+        const bool ok = update && broyden_denominator_ok(den);
+        if (update && !ok) std::fill(Vp + slot * hs + o, Vp + slot * hs + o + D, scalar_t(0));
+        double bmc[kMaxHistory];
+        for (int64_t l = 0; l < n; ++l) bmc[l] = bc[l] - c[l];
+        scalar_t* us = update ? Up + slot * hs + o : nullptr;
+        for (int64_t t0 = 0; t0 < D; t0 += kTile) {
+          const int64_t len = std::min(kTile, D - t0), ot = o + t0;
+          for (int64_t i = 0; i < len; ++i) {
+            const double ri = static_cast<double>(rp[ot + i]);
+            hr[i] = -ri;
+            hd[i] = static_cast<double>(pp[ot + i]) - ri;
+          }
+          combine_tile(hr, bc, Up + ot, hs, n, slot, len);
+          if (update) combine_tile(hd, bmc, Up + ot, hs, n, slot, len);
+          for (int64_t i = 0; i < len; ++i) {
+            double step = -hr[i];                                  // -H r
+            if (update) {
+              const double u = ok ? (static_cast<double>(dp[ot + i]) - hd[i]) / den : 0.0;
+              us[t0 + i] = static_cast<scalar_t>(u);
+              step -= vr * static_cast<double>(us[t0 + i]);
+            }
+            dp[ot + i] = static_cast<scalar_t>(step);
+            xp[ot + i] += dp[ot + i];
+            pp[ot + i] = rp[ot + i];
+          }
         }
       }
     });
@@ -367,10 +475,12 @@ void bwd_gmres_update_cpu(const Tensor& x, const Tensor& Q, const Tensor& R, con
         if (kb <= 0) continue;
         back_substitute(kb, Rp + b * k * k1, static_cast<int>(k1), sp + b * k1, y);
         const int64_t o = b * D;
-        for (int64_t i = 0; i < D; ++i) {
-          double acc = static_cast<double>(xp[o + i]);
-          for (int c = 0; c < kb; ++c) acc += y[c] * static_cast<double>(Qp[c * hs + o + i]);
-          xp[o + i] = static_cast<scalar_t>(acc);
+        double acc[kTile];
+        for (int64_t t0 = 0; t0 < D; t0 += kTile) {
+          const int64_t len = std::min(kTile, D - t0);
+          for (int64_t i = 0; i < len; ++i) acc[i] = static_cast<double>(xp[o + t0 + i]);
+          combine_tile(acc, y, Qp + o + t0, hs, kb, -1, len);
+          for (int64_t i = 0; i < len; ++i) xp[o + t0 + i] = static_cast<scalar_t>(acc[i]);
         }
       }
     });
@@ -455,12 +565,13 @@ std::tuple<Tensor, Tensor, int64_t, int64_t> backward_solve(
     Tensor F, G, gram, r_prev, dx, U, V;
     const int64_t hist = method == "broyden" ? std::min(restart, max_iter) : m;
     if (method == "anderson") {
-      F = at::zeros({m, grad.size(0), grad.size(1)}, grad.options());
-      G = at::zeros_like(F);
+      // histories: every kernel reads only slots it has written (no zero fill of m B D elements)
+      F = at::empty({m, grad.size(0), grad.size(1)}, grad.options());
+      G = at::empty_like(F);
       gram = at::zeros({grad.size(0), m, m}, inv_gnorm.options());
     } else if (method == "broyden") {
-      U = at::zeros({hist, grad.size(0), grad.size(1)}, grad.options());
-      V = at::zeros_like(U);
+      U = at::empty({hist, grad.size(0), grad.size(1)}, grad.options());
+      V = at::empty_like(U);
       r_prev = at::zeros_like(grad);
       dx = at::zeros_like(grad);
     }
@@ -482,7 +593,7 @@ std::tuple<Tensor, Tensor, int64_t, int64_t> backward_solve(
     }
   } else if (method == "gmres") {
     const int64_t B = grad.size(0), D = grad.size(1);
-    Tensor Q = at::zeros({restart + 1, B, D}, grad.options());
+    Tensor Q = at::empty({restart + 1, B, D}, grad.options());
     auto dopt = inv_gnorm.options();
     Tensor R = at::zeros({B, restart, restart + 1}, dopt);
     Tensor cs = at::zeros({B, restart}, dopt), sn = at::zeros({B, restart}, dopt);
