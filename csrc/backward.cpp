@@ -147,6 +147,38 @@ __attribute__((always_inline)) inline void combine_impl(double* acc, const doubl
   }
 }
 
+// acc1 += sum c1[l] hist_l and acc2 += sum c2[l] hist_l over the same columns in one sweep.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void combine2_impl(double* acc1, double* acc2,
+                                                         const double* c1, const double* c2,
+                                                         const scalar_t* hist, int64_t hs,
+                                                         int64_t n, int64_t skip, int64_t len) {
+  int64_t idx[kMaxHistory];
+  int64_t k = 0;
+  for (int64_t l = 0; l < n; ++l)
+    if (l != skip) idx[k++] = l;
+  int64_t j = 0;
+  for (; j + 2 <= k; j += 2) {
+    const scalar_t* h0 = hist + idx[j] * hs;
+    const scalar_t* h1 = hist + idx[j + 1] * hs;
+    const double a0 = c1[idx[j]], a1 = c1[idx[j + 1]], b0 = c2[idx[j]], b1 = c2[idx[j + 1]];
+    for (int64_t i = 0; i < len; ++i) {
+      const double x0 = static_cast<double>(h0[i]), x1 = static_cast<double>(h1[i]);
+      acc1[i] = (acc1[i] + a0 * x0) + a1 * x1;
+      acc2[i] = (acc2[i] + b0 * x0) + b1 * x1;
+    }
+  }
+  for (; j < k; ++j) {
+    const scalar_t* hl = hist + idx[j] * hs;
+    const double a = c1[idx[j]], b = c2[idx[j]];
+    for (int64_t i = 0; i < len; ++i) {
+      const double x = static_cast<double>(hl[i]);
+      acc1[i] += a * x;
+      acc2[i] += b * x;
+    }
+  }
+}
+
 #define DEQ_FAST_STREAMING(T)                                                                      \
   DEQ_FAST_CLONES double dot(const T* a, const T* b, int64_t D) { return dot_impl(a, b, D); }     \
   DEQ_FAST_CLONES void dot2(const T* a, const T* b, const T* c, int64_t D, double* ab,             \
@@ -156,6 +188,11 @@ __attribute__((always_inline)) inline void combine_impl(double* acc, const doubl
   DEQ_FAST_CLONES void combine_tile(double* acc, const double* c, const T* hist, int64_t hs,       \
                                     int64_t n, int64_t skip, int64_t len) {                        \
     combine_impl(acc, c, hist, hs, n, skip, len);                                                  \
+  }                                                                                                \
+  DEQ_FAST_CLONES void combine2_tile(double* acc1, double* acc2, const double* c1,                 \
+                                     const double* c2, const T* hist, int64_t hs, int64_t n,       \
+                                     int64_t skip, int64_t len) {                                  \
+    combine2_impl(acc1, acc2, c1, c2, hist, hs, n, skip, len);                                     \
   }
 DEQ_FAST_STREAMING(float)
 DEQ_FAST_STREAMING(double)
@@ -339,8 +376,11 @@ void bwd_broyden_step_cpu(const Tensor& x, const Tensor& r, const Tensor& r_prev
             hr[i] = -ri;
             hd[i] = static_cast<double>(pp[ot + i]) - ri;
           }
-          combine_tile(hr, bc, Up + ot, hs, n, slot, len);
-          if (update) combine_tile(hd, bmc, Up + ot, hs, n, slot, len);
+          if (update) {
+            combine2_tile(hr, hd, bc, bmc, Up + ot, hs, n, slot, len);
+          } else {
+            combine_tile(hr, bc, Up + ot, hs, n, slot, len);
+          }
           for (int64_t i = 0; i < len; ++i) {
             double step = -hr[i];                                  // -H r
             if (update) {
