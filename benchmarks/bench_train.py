@@ -8,6 +8,13 @@ tolerances (MDEQ reference: 18 forward / 20 backward, relative stopping) and the
 gradient (``ift=True``) with the same backward solver. A step is forward + loss + backward + Adam
 step.
 
+A third row, ``floor``, is what no DEQ library can beat at these counts: the same model doing
+deq_fast's number of ``f`` evaluations (plain ``z <- f(z)`` without grad, then one tracked) and of
+backward VJPs (``g <- grad + J^T g``), with no solver arithmetic, bookkeeping or stopping test. The
+``over floor`` column is a library's own cost in the step (solver and backward-solve arithmetic,
+tracking, buffers); when ``f`` dominates (convolutions on a CPU), the step-time ratio cannot fall
+below ``floor / torchdeq`` however small deq_fast's own cost is.
+
 Reported per (case, solver, library): median step time over interleaved repetitions (the two
 libraries alternate, so machine noise hits both), forward evaluations and backward VJPs per step,
 (``f_evals`` counts every call of the equilibrium cell in the step, solver and tracked
@@ -39,6 +46,7 @@ import torch.nn.functional as F
 from deq_fast.models import build_model
 
 LIBS = ("torchdeq", "deq_fast")
+FLOOR = "floor"
 CASES = {
     "mdeq-tiny": dict(kind="mdeq", shape=(32, 3, 32, 32)),
     "mdeq-large": dict(kind="mdeq", shape=(32, 3, 32, 32)),
@@ -52,13 +60,54 @@ def deq_kwargs(solver: str) -> dict:
                 b_max_iter=20, b_tol=1e-6, b_stop_mode="rel", ift=True)
 
 
-class Step:
-    """A model, its optimizer and a fixed batch; ``run()`` does one training step."""
+class _FloorGrad(torch.autograd.Function):
+    """Identity on ``fz = f(z)``; the backward runs ``n`` plain VJP iterations g <- grad + J^T g."""
 
-    def __init__(self, case: str, solver: str, lib: str, device: str = "cpu"):
+    @staticmethod
+    def forward(ctx, fz, z, n):
+        ctx.n = n
+        ctx.save_for_backward(fz, z)
+        return fz.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        fz, z = ctx.saved_tensors
+        g = grad
+        for _ in range(ctx.n):
+            g = grad + torch.autograd.grad(fz, z, g, retain_graph=True)[0]
+        return g, None, None
+
+
+class FloorDEQ(torch.nn.Module):
+    """The work every DEQ library must do at given counts, and nothing else: ``n_f`` evaluations
+    of ``f`` without grad, one tracked evaluation, ``n_b`` VJPs in the backward."""
+
+    def __init__(self, n_f: int, n_b: int):
+        super().__init__()
+        self.n_f, self.n_b = n_f, n_b
+
+    def forward(self, func, z0, backward_writer=None, **_):
+        with torch.no_grad():
+            z = z0
+            for _ in range(self.n_f):
+                z = func(z)
+        z = z.detach().requires_grad_()
+        out = _FloorGrad.apply(func(z), z, self.n_b)
+        if backward_writer is not None:
+            backward_writer({"nvjp": self.n_b})
+        return [out], {}
+
+
+class Step:
+    """A model, its optimizer and a fixed batch; ``run()`` does one training step.
+
+    ``lib="floor"`` needs ``counts=(f_evals, b_vjps)``: deq_fast's model with :class:`FloorDEQ`."""
+
+    def __init__(self, case: str, solver: str, lib: str, device: str = "cpu",
+                 counts: tuple[int, int] | None = None):
         spec = CASES[case]
         torch.manual_seed(0)
-        kw = dict(deq_kwargs=deq_kwargs(solver), deq_impl=lib)
+        kw = dict(deq_kwargs=deq_kwargs(solver), deq_impl="deq_fast" if lib == FLOOR else lib)
         if spec["kind"] == "mdeq":
             self.model = build_model(case, num_classes=10, in_channels=3, **kw)
             self.x = torch.randn(*spec["shape"])
@@ -67,6 +116,8 @@ class Step:
             self.model = build_model(case, vocab_size=256, **kw)
             self.x = torch.randint(0, 256, spec["shape"])
             self.y = torch.randint(0, 256, spec["shape"])
+        if lib == FLOOR:
+            self.model.deq = FloorDEQ(counts[0] - 1, counts[1])
         self.model.to(device)
         self.x, self.y = self.x.to(device), self.y.to(device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
@@ -144,26 +195,32 @@ def measure_memory(case: str, solver: str, lib: str, device: str) -> float:
 
 def compare(case: str, solver: str, reps: int, device: str, memory: bool) -> list[dict]:
     steps = {lib: Step(case, solver, lib, device) for lib in LIBS}
-    times: dict[str, list[float]] = {lib: [] for lib in LIBS}
-    for lib in LIBS:                                    # warm-up
+    for lib in LIBS:                                    # warm-up (and deq_fast's counts)
         steps[lib].run()
+    fast = steps["deq_fast"]
+    steps[FLOOR] = Step(case, solver, FLOOR, device, counts=(int(fast.f_nfe), int(fast.b_nfe)))
+    steps[FLOOR].run()
+    names = (*LIBS, FLOOR)
+    times: dict[str, list[float]] = {lib: [] for lib in names}
     for _ in range(reps):
-        for lib in LIBS:
+        for lib in names:
             _sync(device)
             t0 = time.perf_counter()
             steps[lib].run()
             _sync(device)
             times[lib].append(time.perf_counter() - t0)
+    med = {lib: statistics.median(times[lib]) for lib in names}
     rows = []
-    for lib in LIBS:
-        rows.append(dict(case=case, solver=solver, lib=lib,
-                         step_s=statistics.median(times[lib]), f_nfe=steps[lib].f_nfe,
-                         b_nfe=steps[lib].b_nfe,
-                         mem_mb=measure_memory(case, solver, lib, device) if memory
+    for lib in names:
+        rows.append(dict(case=case, solver=solver, lib=lib, step_s=med[lib],
+                         f_nfe=steps[lib].f_nfe, b_nfe=steps[lib].b_nfe,
+                         over_floor_s=med[lib] - med[FLOOR],
+                         mem_mb=measure_memory(case, solver, lib, device) if memory and lib in LIBS
                          else float("nan")))
-    ratio = rows[1]["step_s"] / rows[0]["step_s"]
+    ratio = med["deq_fast"] / med["torchdeq"]
     for r in rows:
         r["ratio"] = ratio
+        r["floor_ratio"] = med[FLOOR] / med["torchdeq"]
     return rows
 
 
@@ -182,15 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, device {args.device}, {args.threads} thread(s), "
           f"batch 32, caps 18/20, rel tol 1e-3 / 1e-6, ift=True, median of {args.reps}")
     print(f"{'case':14s} {'solver':9s} {'library':9s} {'step (s)':>9s} {'f_evals':>7s} "
-          f"{'b_vjp':>6s} {'peak MB':>8s} {'fast/tq':>8s}")
+          f"{'b_vjp':>6s} {'over floor (s)':>14s} {'peak MB':>8s} {'fast/tq':>8s} "
+          f"{'floor/tq':>8s}")
     rows = []
     for case in args.cases:
         for solver in args.solvers:
             for r in compare(case, solver, args.reps, args.device, not args.no_memory):
                 rows.append(r)
                 print(f"{r['case']:14s} {r['solver']:9s} {r['lib']:9s} {r['step_s']:9.3f} "
-                      f"{r['f_nfe']:7.0f} {r['b_nfe']:6.1f} {r['mem_mb']:8.1f} "
-                      f"{r['ratio']:8.2f}", flush=True)
+                      f"{r['f_nfe']:7.0f} {r['b_nfe']:6.1f} {r['over_floor_s']:14.3f} "
+                      f"{r['mem_mb']:8.1f} {r['ratio']:8.2f} {r['floor_ratio']:8.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(torch=torch.__version__, device=args.device, rows=rows), fh, indent=1)
