@@ -596,9 +596,14 @@ std::tuple<Tensor, Tensor, int64_t, int64_t> backward_solve(
   Tensor x = x0.clone();
   bool free_eval = zero_init;  // T(0) = grad: the first evaluation needs no VJP
   auto measure = [&]() {
+    const bool zero_start = free_eval;
     Tensor jtx = free_eval ? at::zeros_like(x) : L.vjp(x);
     free_eval = false;
     track.call(x, jtx, grad, inv_gnorm, L.r, L.best_x, L.best_rel, L.active, tol);
+    // The zero start is measured (its residual starts the iteration) but never returned as the
+    // best iterate of a sample still iterating: on a diverging solve it would turn into a zero
+    // gradient. The first iterate, grad itself, is always measured after it.
+    if (zero_start) L.best_rel.masked_fill_(L.active, std::numeric_limits<double>::infinity());
   };
 
   if (method == "fixed_point" || method == "anderson" || method == "broyden") {

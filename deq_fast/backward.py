@@ -299,9 +299,12 @@ def _python_solve(fz, z, grad, inv_gnorm, active0, x0, zero_init, method, max_it
         return bool(flags.any())
 
     def measure():
-        jtx = torch.zeros_like(x) if state["free"] else vjp(x)
+        zero_start = state["free"]
+        jtx = torch.zeros_like(x) if zero_start else vjp(x)
         state["free"] = False
         _ref_track(x, jtx, grad, inv_gnorm, r, best_x, best_rel, active, tol)
+        if zero_start:  # never return the zero start of a sample still iterating (see C++)
+            best_rel.masked_fill_(active, math.inf)
 
     if method in ("fixed_point", "anderson", "broyden"):
         hist = min(restart, max_iter) if method == "broyden" else m

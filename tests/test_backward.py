@@ -255,6 +255,20 @@ def test_divergent_problem_never_nan(method, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_diverging_solve_never_returns_the_zero_start(backend):
+    """J = 3 I: every fixed-point iterate has a larger residual than the zero start (rel 1); the
+    result is the first real iterate (grad itself), not a zero gradient."""
+    z = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    fz = 3.0 * z
+    grad = torch.randn(2, 5, dtype=torch.float64)
+    g, info = implicit_backward(fz, z, grad, method="fixed_point", max_iter=6, tol=1e-10,
+                                backend=backend)
+    torch.testing.assert_close(g, grad)
+    torch.testing.assert_close(info["rel_residual"], measured_residual(fz, z, grad, g))
+    assert (info["rel_residual"] > 1).all() and not info["converged"].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", ITERATIVE)
 def test_nonfinite_and_zero_grad_samples(method, backend):
     fz, z, grad, ref = make_problem(4, 17, torch.float64, seed=4)
