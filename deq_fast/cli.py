@@ -11,7 +11,7 @@ __all__ = ["main"]
 _USAGE = """usage: deq-fast {train,eval} [options]
 
   train   train a DEQ model (no options: MDEQ on the embedded digits); see deq-fast train --help
-  eval    evaluate a checkpoint: deq-fast eval --ckpt RUN_DIR_OR_FILE
+  eval    evaluate a checkpoint on its test split: deq-fast eval --ckpt RUN_DIR_OR_FILE
 """
 
 

@@ -9,14 +9,17 @@ With no arguments this trains ``mdeq-digits`` on the handwritten digits that shi
   training batch of the epoch);
 * ``steps.jsonl``    one record per step: ``step, epoch, loss, f_nfe, b_nfe, residual``;
 * ``checkpoint.pt``  model, optimizer, scheduler, RNG states of every rank, position in the data
-  order, configuration; written to a temporary file and renamed, so it is never half-written;
+  order, the current epoch's statistics so far, configuration; written to a temporary file and
+  renamed, so it is never half-written;
 * ``curves.png``, ``residuals.png`` training curves and solver residual traces.
 
 ``--resume DIR`` continues exactly where the checkpoint stopped (same data order, dropout masks and
-optimizer state: the next step's loss equals the uninterrupted run's). Options that define the run
-(model, data, solver, learning rate, ...) must match the checkpoint; a mismatch is refused with the
-difference named. Multi-process: ``torchrun --nproc_per_node=N -m deq_fast.train ...`` trains with
-DistributedDataParallel (gloo on CPU, NCCL on GPU); ``--batch_size`` is the global batch.
+optimizer state: the next step's loss equals the uninterrupted run's; an epoch resumed in its
+middle is recorded as a whole). ``--out`` refuses a directory that already holds a run, so a new
+run never overwrites one. Options that define the run (model, data, solver, learning rate, ...)
+must match the checkpoint; a mismatch is refused with the difference named. Multi-process:
+``torchrun --nproc_per_node=N -m deq_fast.train ...`` trains with DistributedDataParallel (gloo on
+CPU, NCCL on GPU); ``--batch_size`` is the global batch.
 
 Solver and gradient options keep TorchDEQ's names (``--f_solver --f_max_iter --f_tol
 --f_stop_mode --b_solver --b_max_iter --b_tol --b_stop_mode --ift --grad --jac_loss_weight``);
@@ -51,6 +54,9 @@ CKPT_NAME = "checkpoint.pt"
 CKPT_FORMAT = "deq_fast.train/1"
 SOLVERS = ("anderson", "broyden", "fixed_point_iter", "simple_fixed_point_iter")
 DEFAULT_DEQ_IMPL = "deq_fast"
+# With --nonfinite skip, stop after this many consecutive non-finite steps: the weights or the
+# optimizer state are then most likely non-finite, and every later step would be skipped.
+MAX_CONSECUTIVE_NONFINITE = 20
 
 # Options a resumed run may change; every other option must match the checkpoint.
 RESUMABLE_CHANGES = {"epochs", "out", "device", "num_threads", "max_steps", "ckpt_every",
@@ -78,6 +84,16 @@ def _bool(text: str) -> bool:
     if low in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _progress(text: str) -> bool | str:
+    """``--progress``: ``auto`` (bars only on a terminal) or a boolean."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        return _bool(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}") from None
 
 
 def _positive(kind):
@@ -108,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default mdeq-digits)")
     g.add_argument("--data", choices=sorted(DATASETS), help="data set (default: the model's)")
     g.add_argument("--data_dir", help="directory of the files for cifar10 / wikitext103")
-    g.add_argument("--out", help="output directory (default runs/<model>-<timestamp>)")
+    g.add_argument("--out", help="output directory (default runs/<model>-<timestamp>); a "
+                   "directory that already holds a run is refused (continue it with --resume)")
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR (or a checkpoint file)")
     g.add_argument("--epochs", type=_positive(int))
     g.add_argument("--batch_size", type=_positive(int), help="global batch size")
@@ -121,13 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", type=_bool, nargs="?", const=True, help="bf16 autocast for f and head")
     g.add_argument("--num_threads", type=_nonneg(int), help="CPU threads, 0 = cores / processes")
     g.add_argument("--nonfinite", choices=("skip", "stop"),
-                   help="on a non-finite loss or gradient: skip the step (default) or stop")
+                   help="on a non-finite loss or gradient: skip the step (default; the run stops "
+                   f"after {MAX_CONSECUTIVE_NONFINITE} consecutive skipped steps) or stop")
     g.add_argument("--pretrain_steps", type=_nonneg(int),
                    help="warm-up steps with unrolled weight-tied layers before the DEQ solve")
     g.add_argument("--max_steps", type=_nonneg(int), help="stop (and checkpoint) after this "
                    "global step, 0 = run all epochs")
     g.add_argument("--ckpt_every", type=_nonneg(int), help="also checkpoint every N steps")
-    g.add_argument("--progress", type=_bool, nargs="?", const=True, help="tqdm progress bars")
+    g.add_argument("--progress", type=_progress, nargs="?", const=True,
+                   help="tqdm progress bars: auto (default: only on a terminal), true or false")
     g.add_argument("--augment", type=_bool, nargs="?", const=True,
                    help="random affine jitter (digits) / crops and flips (CIFAR-10) of training "
                    "images")
@@ -276,12 +295,23 @@ def _seed_all(seed: int) -> None:
 
 
 def _atomic_write_bytes(path: str, payload: bytes) -> None:
+    """Write ``path`` through a temporary file and a rename; the temporary file is removed if
+    anything (an error, Ctrl-C) interrupts the write, and ``path`` keeps its old content."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    renamed = False
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        renamed = True
+    finally:
+        if not renamed:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
 
 
 def _save_checkpoint(path: str, state: dict[str, Any]) -> None:
@@ -422,7 +452,10 @@ def _affine_augment(x: torch.Tensor, degrees: float, scale: float, shift_px: flo
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _get_batch(data, cfg: dict, idx: torch.Tensor, device: torch.device, train: bool):
+def _get_batch(data, cfg: dict, idx: torch.Tensor, device: torch.device, train: bool,
+               split: str = "valid"):
+    """A batch of the training split, or of the held-out ``split`` of a language corpus (vision
+    data sets have one held-out split, the test split)."""
     if isinstance(data, VisionData):
         x = data.x_train[idx] if train else data.x_test[idx]
         y = data.y_train[idx] if train else data.y_test[idx]
@@ -433,22 +466,23 @@ def _get_batch(data, cfg: dict, idx: torch.Tensor, device: torch.device, train: 
             x = (_affine_augment(x, 12.0, 0.1, 1.0) if data.name == "digits"
                  else _augment(x, 4, True))
         return x.to(device), y.to(device)
-    tokens = data.train if train else data.valid
+    tokens = data.train if train else getattr(data, split)
     x, y = lm_windows(tokens, idx, cfg["seq_len"])
     return x.to(device), y.to(device)
 
 
 # ------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
-def _evaluate(model, data, cfg: dict, device: torch.device, dd: _Dist, unrolled: bool) -> dict:
-    """Test accuracy (vision) or validation loss/perplexity (LM), summed over ranks."""
+def _evaluate(model, data, cfg: dict, device: torch.device, dd: _Dist, unrolled: bool,
+              split: str = "valid") -> dict:
+    """Test accuracy (vision) or loss/perplexity on ``split`` (LM), summed over ranks."""
     model.eval()
     per_rank = max(1, cfg["batch_size"] // dd.world)
     if isinstance(data, VisionData):
         all_idx = torch.arange(len(data.y_test))
     else:
         L = cfg["seq_len"]
-        all_idx = torch.arange(0, len(data.valid) - L - 1, L)
+        all_idx = torch.arange(0, len(getattr(data, split)) - L - 1, L)
     batches = list(torch.split(all_idx[dd.rank::dd.world], per_rank))
     if cfg.get("eval_batches"):
         batches = batches[: cfg["eval_batches"]]
@@ -456,7 +490,7 @@ def _evaluate(model, data, cfg: dict, device: torch.device, dd: _Dist, unrolled:
     trace: list[float] = []
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg["bf16"]))
     for idx in batches:
-        x, y = _get_batch(data, cfg, idx, device, train=False)
+        x, y = _get_batch(data, cfg, idx, device, train=False, split=split)
         with amp:
             logits, info = model(x, unrolled=unrolled)
         loss_sum += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
@@ -589,6 +623,35 @@ def _load_data(cfg: dict):
         raise TrainingError(str(exc)) from exc
 
 
+def _check_lm_splits(data, cfg: dict, splits: tuple[str, ...]) -> None:
+    """Refuse token streams too short for one ``--seq_len`` window (input plus shifted target)
+    before any work: training draws window starts in ``[0, T - seq_len - 1)`` and evaluation
+    steps through the same range, so a split needs ``seq_len + 2`` tokens."""
+    if not isinstance(data, LMData):
+        return
+    need = cfg["seq_len"] + 2
+    for split in splits:
+        n = len(getattr(data, split))
+        if n < need:
+            where = (f"file {data.files[split]}" if data.files and split in data.files
+                     else f"corpus {data.name}")
+            eos = " (each line end counts as one <eos> token)" if data.itos is not None else ""
+            raise TrainingError(f"{split} split ({where}) has {n} tokens{eos}; --seq_len "
+                                f"{cfg['seq_len']} needs at least {need}: use a longer file or a "
+                                "smaller --seq_len")
+
+
+def _check_out_dir(out_dir: str) -> None:
+    """Refuse to start a run in a directory that already holds one (it would be overwritten)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise TrainingError(f"--out {out_dir!r} exists and is not a directory; expected a "
+                            "directory path (created if missing)")
+    found = [f for f in ("metrics.jsonl", CKPT_NAME) if os.path.isfile(os.path.join(out_dir, f))]
+    if found:
+        raise TrainingError(f"--out {out_dir!r} already holds a run ({', '.join(found)}); pass "
+                            f"--resume {out_dir} to continue it, or choose another --out")
+
+
 def _print(*args: Any) -> None:
     print(*args, flush=True)
 
@@ -625,9 +688,12 @@ def _run_training(cfg: dict[str, Any], out_dir: str, resume: dict[str, Any] | No
         raise TrainingError(f"--batch_size {cfg['batch_size']} is the global batch and must be "
                             f"divisible by the number of processes ({dd.world})")
     device = _pick_device(cfg["device"], dd)
+    if resume is None:
+        _check_out_dir(out_dir)
     threads = cfg["num_threads"] or max(1, (os.cpu_count() or 1) // max(dd.local_world, 1))
     torch.set_num_threads(threads)
     data = _load_data(cfg)
+    _check_lm_splits(data, cfg, ("train", "valid", "test"))
     dd.init(device)
     log = log if dd.main else (lambda *a, **k: None)
 
@@ -644,6 +710,7 @@ def _run_training(cfg: dict[str, Any], out_dir: str, resume: dict[str, Any] | No
     opt, sched = _make_optim(model, cfg, steps_per_epoch)
     step, epoch, batch_in_epoch = 0, 0, 0
     records: list[dict[str, Any]] = []
+    partial: dict[str, Any] | None = None     # statistics of the interrupted epoch's first part
     if resume is not None:
         try:
             model.load_state_dict(resume["model"])
@@ -654,6 +721,7 @@ def _run_training(cfg: dict[str, Any], out_dir: str, resume: dict[str, Any] | No
         sched.load_state_dict(resume["scheduler"])
         step, epoch, batch_in_epoch = resume["step"], resume["epoch"], resume["batch_in_epoch"]
         records = [r for r in resume["metrics"] if r["epoch"] < epoch + 1]
+        partial = resume.get("epoch_partial") if batch_in_epoch else None
         rngs = resume["rng"]
         if len(rngs) != dd.world:
             log(f"note: checkpoint written by {len(rngs)} process(es), resuming with {dd.world}: "
@@ -668,33 +736,54 @@ def _run_training(cfg: dict[str, Any], out_dir: str, resume: dict[str, Any] | No
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     if dd.main:
-        os.makedirs(out_dir, exist_ok=True)
-        _atomic_write_bytes(os.path.join(out_dir, "config.json"),
-                            json.dumps(cfg, indent=1, default=str).encode())
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            _atomic_write_bytes(os.path.join(out_dir, "config.json"),
+                                json.dumps(cfg, indent=1, default=str).encode())
+        except OSError as exc:
+            raise TrainingError(f"--out {out_dir!r}: cannot create the output directory or write "
+                                f"to it ({exc.strerror or exc}); expected a writable directory "
+                                "path") from exc
         _write_jsonl(os.path.join(out_dir, "metrics.jsonl"), records)
         steps_path = os.path.join(out_dir, "steps.jsonl")
         _write_jsonl(steps_path, [r for r in _read_jsonl(steps_path) if r["step"] <= step]
                      if resume is not None else [])
     ckpt_path = os.path.join(out_dir, CKPT_NAME)
 
-    def checkpoint(epoch_: int, batch_: int) -> None:
+    def checkpoint(epoch_: int, batch_: int, epoch_sums: dict[str, float] | None = None,
+                   trace: list[float] | None = None, seconds: float = 0.0) -> None:
+        """Save the run; mid-epoch (``batch_ > 0``) also the epoch's statistics so far, summed
+        over ranks, so a resumed run's epoch record covers the whole epoch."""
         rngs = dd.gather(_rng_state())
         prints = dd.gather(_param_digest(model))
         if len(set(prints)) > 1:
             raise TrainingError(f"parameters differ across processes at step {step} "
                                 f"(digests {prints}); DistributedDataParallel lost sync")
+        part = None
+        if batch_ and epoch_sums is not None:
+            keys = list(epoch_sums)
+            part = {"sums": dict(zip(keys, dd.sum([epoch_sums[k] for k in keys], device))),
+                    "residual_trace": list(trace or []), "seconds": seconds}
         if dd.main:
             _save_checkpoint(ckpt_path, {
                 "format": CKPT_FORMAT, "config": cfg, "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs,
                 "step": step, "epoch": epoch_, "batch_in_epoch": batch_, "metrics": records,
-                "world_size": dd.world, "param_digests": prints})
+                "world_size": dd.world, "param_digests": prints, "epoch_partial": part,
+                "elapsed": time.time() - t_start})
         dd.barrier()
 
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg["bf16"]))
     params = [p for p in model.parameters() if p.requires_grad]
-    t_start = time.time() - (records[-1]["elapsed"] if records else 0.0)
+    # Checkpoints without "elapsed" (older format) resume from the last epoch record's time.
+    elapsed = (resume.get("elapsed") if resume is not None else None)
+    if elapsed is None:
+        elapsed = records[-1]["elapsed"] if records else 0.0
+    t_start = time.time() - elapsed
     n_skipped = sum(r.get("skipped", 0) for r in records)
+    if partial is not None:
+        n_skipped += int(partial["sums"].get("skipped", 0))
+    n_bad_in_row = 0          # consecutive non-finite steps
     stopped = None
     log(f"training {cfg['model']} on {cfg['data']} ({sum(p.numel() for p in params):,} "
         f"parameters, {dd.world} process(es), {threads} thread(s) each, device {device}, "
@@ -704,8 +793,16 @@ def _run_training(cfg: dict[str, Any], out_dir: str, resume: dict[str, Any] | No
         batches = (_vision_batches(data, cfg, epoch, dd) if isinstance(data, VisionData)
                    else _lm_batches(data, cfg, epoch, dd))
         sums = dict(loss=0.0, correct=0.0, count=0.0, n=0.0, f_nfe=0.0, b_nfe=0.0, res=0.0,
-                    n_solve=0.0, skipped=0.0, b_res=0.0, n_bsolve=0.0)
+                    n_solve=0.0, skipped=0.0, b_res=0.0, n_bsolve=0.0, steps=0.0)
         last_trace: list[float] = []
+        if partial is not None:
+            # Resumed mid-epoch: the epoch's totals so far (over all ranks) start on rank 0.
+            if dd.main:
+                sums.update({k: float(v) for k, v in partial["sums"].items() if k in sums})
+                last_trace = list(partial["residual_trace"])
+            t_epoch -= partial["seconds"]
+            partial = None
+        # (an older checkpoint without them: the epoch record covers the batches after resume)
         bar = None
         if cfg["progress"] and dd.main:
             from tqdm.auto import tqdm
@@ -716,6 +813,7 @@ def _run_training(cfg: dict[str, Any], out_dir: str, resume: dict[str, Any] | No
         for b in range(batch_in_epoch, len(batches)):
             x, y = _get_batch(data, cfg, batches[b], device, train=True)
             step += 1
+            sums["steps"] += 1
             unrolled = step <= cfg["pretrain_steps"]
             b_info: list[dict] = []
             with amp:
@@ -735,16 +833,25 @@ def _run_training(cfg: dict[str, Any], out_dir: str, resume: dict[str, Any] | No
             else:
                 what = "loss"
             if not ok:
-                msg = (f"non-finite {what} (loss {float(total):.4g}) at step {step} "
+                n_bad_in_row += 1
+                msg = (f"non-finite {what} (loss {total.detach().item():.4g}) at step {step} "
                        f"(epoch {epoch + 1}, batch {b + 1})")
+                saved = (f"the last checkpoint in {out_dir} is intact"
+                         if os.path.isfile(ckpt_path) else
+                         f"no checkpoint has been written to {out_dir} yet")
                 if cfg["nonfinite"] == "stop":
-                    raise NonFiniteLoss(msg + f"; stopped (--nonfinite stop); the last checkpoint "
-                                        f"in {out_dir} is intact")
+                    raise NonFiniteLoss(msg + f"; stopped (--nonfinite stop); {saved}")
+                if n_bad_in_row >= MAX_CONSECUTIVE_NONFINITE:
+                    raise NonFiniteLoss(
+                        msg + f"; stopped after {n_bad_in_row} consecutive non-finite steps "
+                        "(--nonfinite skip gives up: the weights or optimizer state are probably "
+                        f"non-finite; try a lower --lr or --grad_clip); {saved}")
                 opt.zero_grad(set_to_none=True)
                 sums["skipped"] += 1
                 n_skipped += 1
                 log(msg + f"; step skipped ({n_skipped} skipped so far)")
             else:
+                n_bad_in_row = 0
                 opt.step()
                 sched.step()
             f_nfe, res, trace = _info_stats(info, cfg["f_stop_mode"])
@@ -773,13 +880,8 @@ def _run_training(cfg: dict[str, Any], out_dir: str, resume: dict[str, Any] | No
             step_log.append({"step": step, "epoch": epoch + 1, "loss": lv, "f_nfe": f_nfe,
                              "b_nfe": b_nfe, "residual": res})
             if bar is not None:
-                done = b + 1 - batch_in_epoch
-                post = {"loss": f"{sums['loss'] / max(sums['n'], 1):.3f}",
-                        "nfe": f"{sums['f_nfe'] / done:.1f}",
-                        "res": f"{sums['res'] / sums['n_solve']:.1e}" if sums["n_solve"] else "-"}
-                if sums["count"]:
-                    post["acc"] = f"{100 * sums['correct'] / sums['count']:.1f}"
-                bar.set_postfix(post, refresh=False)
+                bar.set_postfix(_progress_postfix(sums, lm=isinstance(data, LMData)),
+                                refresh=False)
                 bar.update(1)
             at_end = cfg["max_steps"] and step >= cfg["max_steps"]
             if at_end or (cfg["ckpt_every"] and step % cfg["ckpt_every"] == 0):
@@ -787,7 +889,7 @@ def _run_training(cfg: dict[str, Any], out_dir: str, resume: dict[str, Any] | No
                     _append_jsonl(os.path.join(out_dir, "steps.jsonl"), step_log)
                 step_log = []
                 if b + 1 < len(batches):
-                    checkpoint(epoch, b + 1)
+                    checkpoint(epoch, b + 1, sums, last_trace, time.time() - t_epoch)
                 if at_end:
                     stopped = step
                     break
@@ -800,7 +902,7 @@ def _run_training(cfg: dict[str, Any], out_dir: str, resume: dict[str, Any] | No
         # ---- end of epoch: reduce statistics over ranks, evaluate, record, checkpoint
         keys = list(sums)
         sums = dict(zip(keys, dd.sum([sums[k] for k in keys], device)))
-        n_steps = (len(batches) - batch_in_epoch) * dd.world
+        n_steps = sums["steps"]       # all ranks, including those before a mid-epoch resume
         ev = _evaluate(ddp_model, data, cfg, device, dd, unrolled=step <= cfg["pretrain_steps"])
         rec: dict[str, Any] = {
             "epoch": epoch + 1, "step": step,
@@ -843,6 +945,20 @@ def _run_training(cfg: dict[str, Any], out_dir: str, resume: dict[str, Any] | No
     return result
 
 
+def _progress_postfix(sums: dict[str, float], lm: bool) -> dict[str, str]:
+    """The progress bar's running means of the epoch: loss, perplexity (language models), forward
+    NFE, residual and accuracy (classifiers)."""
+    mean = sums["loss"] / max(sums["n"], 1)
+    post = {"loss": f"{mean:.3f}" if sums["n"] else "-"}
+    if lm:
+        post["ppl"] = f"{math.exp(min(mean, 50.0)):.2f}" if sums["n"] else "-"
+    post["nfe"] = f"{sums['f_nfe'] / max(sums['steps'] - sums['skipped'], 1):.1f}"
+    post["res"] = f"{sums['res'] / sums['n_solve']:.1e}" if sums["n_solve"] else "-"
+    if sums["count"]:
+        post["acc"] = f"{100 * sums['correct'] / sums['count']:.1f}"
+    return post
+
+
 def _append_jsonl(path: str, records: list[dict[str, Any]]) -> None:
     with open(path, "a") as fh:
         for r in records:
@@ -850,37 +966,54 @@ def _append_jsonl(path: str, records: list[dict[str, Any]]) -> None:
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def evaluate_checkpoint(path: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate a checkpoint on its test/validation split.
+EVAL_SPLITS = ("test", "valid")
+
+
+def evaluate_checkpoint(path: str, overrides: dict[str, Any] | None = None,
+                        split: str = "test") -> dict[str, Any]:
+    """Evaluate a checkpoint on a held-out split: the test split by default.
+
+    Training reports a language model's validation split each epoch (``test_loss``/``test_ppl``
+    in ``metrics.jsonl``); ``split="valid"`` reproduces those numbers. Vision data sets have only
+    a test split.
 
     Args:
         path: checkpoint file or run directory.
         overrides: options to change for evaluation (``data_dir``, ``device``, ``f_solver``,
             ``f_max_iter``, ``f_tol``, ``f_stop_mode``, ``batch_size``, ``bf16``, ``eval_batches``).
+        split: ``"test"`` or ``"valid"`` (language models only).
 
     Returns:
-        dict with ``test_acc`` (vision) or ``test_loss``/``test_ppl`` (LM), ``test_f_nfe``,
-        ``test_residual``, ``step``, ``epoch``.
+        dict with ``split``, ``test_acc`` (vision) or ``test_loss``/``test_ppl``/``unigram_loss``
+        (LM; measured on ``split``), ``test_f_nfe``, ``test_residual``, ``step``, ``epoch``.
     """
+    if split not in EVAL_SPLITS:
+        raise TrainingError(f"--split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
     ckpt = load_checkpoint(path)
     cfg = dict(ckpt["config"])
     cfg.update(overrides or {})
     _validate(cfg)
+    if split != "test" and DATASETS[cfg["data"]][0] == "vision":
+        raise TrainingError(f"--split {split}: {cfg['data']} has no validation split (only "
+                            "test)")
     dd = _Dist()
     dd.world, dd.rank, dd.enabled = 1, 0, False
     device = _pick_device(cfg["device"], dd)
     data = _load_data(cfg)
+    _check_lm_splits(data, cfg, (split,))
     model = _build(cfg, data, device)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         raise TrainingError(f"checkpoint weights do not fit {cfg['model']}: {str(exc)[:300]}") \
             from exc
-    out = _evaluate(model, data, cfg, device, dd, unrolled=ckpt["step"] <= cfg["pretrain_steps"])
+    out = _evaluate(model, data, cfg, device, dd, unrolled=ckpt["step"] <= cfg["pretrain_steps"],
+                    split=split)
     out.pop("test_residual_trace", None)
     if isinstance(data, LMData):
-        out["unigram_loss"] = unigram_loss(data)
-    out.update(step=ckpt["step"], epoch=ckpt["epoch"], model=cfg["model"], data=cfg["data"])
+        out["unigram_loss"] = unigram_loss(data, split)
+    out.update(split=split, step=ckpt["step"], epoch=ckpt["epoch"], model=cfg["model"],
+               data=cfg["data"])
     return out
 
 
@@ -906,8 +1039,8 @@ def main(argv: list[str] | None = None) -> int:
     """``deq-fast train`` / ``python -m deq_fast.train``; returns the exit code."""
     parser = build_parser()
     explicit = vars(parser.parse_args(argv))
+    resume = out_dir = None
     try:
-        resume = None
         if "resume" in explicit:
             resume = load_checkpoint(explicit["resume"])
             cfg = _resume_config(resume, explicit, explicit["resume"])
@@ -918,14 +1051,23 @@ def main(argv: list[str] | None = None) -> int:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             default_out = os.path.join("runs", f"{cfg['model']}-{stamp}")
         out_dir = explicit.get("out", default_out)
+        if resume is not None and os.path.realpath(out_dir) != os.path.realpath(default_out):
+            _check_out_dir(out_dir)   # continuing a run elsewhere must not overwrite another one
         cfg.pop("out", None)
         run_training(cfg, out_dir, resume=resume)
     except TrainingError as exc:
         print(f"deq-fast train: error: {exc}", file=sys.stderr)
         return 3 if isinstance(exc, NonFiniteLoss) else 2
     except KeyboardInterrupt:
-        print("\ninterrupted; the last checkpoint (if any) is intact: continue with --resume "
-              "<out dir>", file=sys.stderr)
+        if out_dir is not None and os.path.isfile(os.path.join(out_dir, CKPT_NAME)):
+            note = f"the last checkpoint is intact: continue with --resume {out_dir}"
+        elif resume is not None:
+            note = (f"no checkpoint was written to {out_dir or 'the output directory'}; the one "
+                    f"resumed is unchanged: continue with --resume {explicit['resume']}")
+        else:
+            note = ("no checkpoint was written yet"
+                    + (f" to {out_dir}" if out_dir is not None else "") + "; nothing to resume")
+        print(f"\ninterrupted; {note}", file=sys.stderr)
         return 130
     finally:
         if dist.is_available() and dist.is_initialized():
@@ -937,8 +1079,12 @@ def eval_main(argv: list[str] | None = None) -> int:
     """``deq-fast eval --ckpt PATH [options]``: print the evaluation as one JSON line."""
     p = argparse.ArgumentParser(prog="deq-fast eval", allow_abbrev=False,
                                 argument_default=argparse.SUPPRESS,
-                                description="Evaluate a training checkpoint on its test split.")
+                                description="Evaluate a training checkpoint on its test split "
+                                "(named in the output as \"split\").")
     p.add_argument("--ckpt", required=True, help="checkpoint file or run directory")
+    p.add_argument("--split", choices=EVAL_SPLITS, default="test",
+                   help="held-out split: test (default) or valid (language models: the split "
+                   "training reports each epoch)")
     p.add_argument("--data_dir")
     p.add_argument("--device")
     p.add_argument("--batch_size", type=_positive(int))
@@ -949,9 +1095,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--f_tol", type=_positive(float))
     p.add_argument("--f_stop_mode", choices=("abs", "rel"))
     args = vars(p.parse_args(argv))
-    path = args.pop("ckpt")
+    path, split = args.pop("ckpt"), args.pop("split")
     try:
-        out = evaluate_checkpoint(path, args)
+        out = evaluate_checkpoint(path, args, split=split)
     except TrainingError as exc:
         print(f"deq-fast eval: error: {exc}", file=sys.stderr)
         return 2

@@ -103,8 +103,15 @@ def test_cifar10_missing_dir_and_file(tmp_path):
         load_cifar10(str(tmp_path))
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "bad_shape", "bad_labels", "no_key"])
-def test_cifar10_corrupt_files_are_named(tmp_path, damage):
+@pytest.mark.parametrize("damage,match", [
+    ("truncated", "corrupt or truncated"), ("garbage", "corrupt or truncated"),
+    ("frame_header", "corrupt or truncated.*OverflowError"),
+    ("memory_error", "corrupt or truncated.*MemoryError"),
+    ("bad_shape", "shape"), ("bad_labels", "labels must be in 0..9"), ("no_key", "missing key"),
+    ("str_labels", "'labels' must be integers in 0..9, got dtype <U"),
+    ("float_labels", "'labels' must be integers in 0..9, got dtype float64"),
+    ("ragged_data", "'data' or 'labels' is not an array")])
+def test_cifar10_corrupt_files_are_named(tmp_path, monkeypatch, damage, match):
     _write_cifar(str(tmp_path))
     path = tmp_path / "data_batch_3"
     raw = path.read_bytes()
@@ -112,17 +119,39 @@ def test_cifar10_corrupt_files_are_named(tmp_path, damage):
         path.write_bytes(raw[: len(raw) // 2])
     elif damage == "garbage":
         path.write_bytes(os.urandom(300))
+    elif damage == "frame_header":
+        # protocol 4: b"\x80\x04\x95" + 8-byte frame length; flipped bytes overflow it
+        entry = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2]}
+        raw = bytearray(pickle.dumps(entry, protocol=4))
+        assert raw[2] == 0x95
+        raw[3:11] = b"\xff" * 8
+        path.write_bytes(bytes(raw))
+    elif damage == "memory_error":
+        real = pickle.load
+
+        def load(fh, **kw):
+            if fh.name.endswith("data_batch_3"):
+                raise MemoryError()
+            return real(fh, **kw)
+        monkeypatch.setattr(pickle, "load", load)
     else:
         entry = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2]}
         if damage == "bad_shape":
             entry[b"data"] = np.zeros((2, 1024), np.uint8)
         elif damage == "bad_labels":
             entry[b"labels"] = [1, 12]
+        elif damage == "str_labels":
+            entry[b"labels"] = ["cat", "dog"]
+        elif damage == "float_labels":
+            entry[b"labels"] = [1.0, 2.5]
+        elif damage == "ragged_data":
+            entry[b"data"] = [[0] * 3072, [0] * 5]
         else:
             del entry[b"labels"]
         path.write_bytes(pickle.dumps(entry))
-    with pytest.raises(ValueError, match="data_batch_3"):
+    with pytest.raises(ValueError, match="data_batch_3") as exc:
         load_cifar10(str(tmp_path))
+    assert exc.match(match)
 
 
 # ------------------------------------------------------------------------------- WikiText-103
@@ -142,6 +171,8 @@ def test_wikitext_vocabulary_eos_and_unk(tmp_path):
     assert d.decode(d.train) == "a b c <eos> <eos> b a <unk> <eos>"
     assert d.decode(d.valid) == "a <unk> <eos>"            # unseen 'z' -> <unk>
     assert d.test.tolist() == [4, 0]
+    assert d.files == {split: os.path.join(str(tmp_path), f"wiki.{split}.tokens")
+                       for split in ("train", "valid", "test")}
 
 
 @pytest.mark.parametrize("damage,match", [("empty", "empty"), ("binary", "NUL"),

@@ -3,10 +3,12 @@ interruption, and a 2-process torchrun run on CPU."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -26,6 +28,27 @@ LM_FAST = ["--model", "deq-lm-small", "--batch_size", "4", "--seq_len", "16",
 def _jsonl(path):
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+class _Clock:
+    """Stands in for the ``time`` module in deq_fast.train: the clock advances 100 s per training
+    step (each call of ``_compute_loss``) and not otherwise, so ``seconds``/``elapsed`` are
+    exact."""
+
+    strftime = staticmethod(time.strftime)
+
+    def __init__(self, monkeypatch):
+        self.now = 1000.0
+        real = train._compute_loss
+
+        def loss(*args):
+            self.now += 100.0
+            return real(*args)
+        monkeypatch.setattr(train, "time", self)
+        monkeypatch.setattr(train, "_compute_loss", loss)
+
+    def time(self):
+        return self.now
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +79,22 @@ def test_digits_smoke_writes_metrics_checkpoint_plots_and_evaluates(digits_run, 
     assert train.eval_main(["--ckpt", digits_run]) == 0
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ev["test_acc"] == pytest.approx(recs[-1]["test_acc"], abs=1e-9)
-    assert ev["step"] == 12
+    assert ev["step"] == 12 and ev["split"] == "test"
+    assert train.eval_main(["--ckpt", digits_run, "--split", "valid"]) == 2
+    assert "--split valid: digits has no validation split" in capsys.readouterr().err
 
 
-def test_resume_reproduces_the_uninterrupted_run(digits_run, tmp_path):
+def test_resume_reproduces_the_uninterrupted_run(digits_run, tmp_path, monkeypatch):
+    _Clock(monkeypatch)                                         # 100 s per step
     out = str(tmp_path / "interrupted")
     assert train.main(FAST + ["--epochs", "2", "--out", out, "--max_steps", "8"]) == 0
-    assert train.load_checkpoint(out)["step"] == 8              # mid-epoch 2
+    ckpt = train.load_checkpoint(out)
+    assert ckpt["step"] == 8                                    # mid-epoch 2
+    assert ckpt["epoch_partial"]["seconds"] == 200.0 and ckpt["elapsed"] == 800.0
+    old_format = str(tmp_path / "old_format")                   # without the partial epoch
+    shutil.copytree(out, old_format)
+    del ckpt["epoch_partial"], ckpt["elapsed"]
+    torch.save(ckpt, os.path.join(old_format, train.CKPT_NAME))
     assert train.main(["--resume", out]) == 0
     full = _jsonl(os.path.join(digits_run, "steps.jsonl"))
     resumed = _jsonl(os.path.join(out, "steps.jsonl"))
@@ -73,6 +105,15 @@ def test_resume_reproduces_the_uninterrupted_run(digits_run, tmp_path):
     ra = _jsonl(os.path.join(digits_run, "metrics.jsonl"))
     rb = _jsonl(os.path.join(out, "metrics.jsonl"))
     assert len(rb) == 2 and rb[-1]["test_acc"] == ra[-1]["test_acc"]
+    # the resumed epoch's record covers the whole epoch, as in the uninterrupted run
+    for key in ("train_loss", "train_acc", "f_nfe", "b_nfe", "residual", "b_residual"):
+        assert rb[-1][key] == pytest.approx(ra[-1][key], rel=1e-9), key
+    assert rb[-1]["skipped"] == ra[-1]["skipped"] == 0
+    assert [(r["seconds"], r["elapsed"]) for r in rb] == [(600.0, 600.0), (600.0, 1200.0)]
+    # a checkpoint from before these fields still resumes (its epoch record covers the rest)
+    assert train.main(["--resume", old_format]) == 0
+    rc = _jsonl(os.path.join(old_format, "metrics.jsonl"))
+    assert [r["step"] for r in rc] == [6, 12] and rc[-1]["test_acc"] == ra[-1]["test_acc"]
 
 
 def test_resume_refuses_an_incompatible_configuration(digits_run, tmp_path, capsys):
@@ -141,26 +182,102 @@ def _nan_at(step_to_break, monkeypatch, exc=None):
     monkeypatch.setattr(train, "_compute_loss", fake)
 
 
-def test_nonfinite_loss_skip_and_stop(tmp_path, monkeypatch, capsys):
+def test_nonfinite_loss_skip_and_stop(tmp_path, monkeypatch, capsys, recwarn):
     _nan_at(2, monkeypatch)
     out = str(tmp_path / "skip")
     assert train.main(FAST + ["--epochs", "1", "--out", out]) == 0
     assert "non-finite loss (loss nan) at step 2 (epoch 1, batch 2); step skipped" \
         in capsys.readouterr().out
     assert _jsonl(os.path.join(out, "metrics.jsonl"))[0]["skipped"] == 1
+    assert not [w for w in recwarn if "requires_grad" in str(w.message)]
     _nan_at(2, monkeypatch)
-    assert train.main(FAST + ["--epochs", "1", "--nonfinite", "stop",
-                              "--out", str(tmp_path / "stop")]) == 3
-    assert "at step 2 (epoch 1, batch 2); stopped" in capsys.readouterr().err
+    stop = str(tmp_path / "stop")
+    assert train.main(FAST + ["--epochs", "1", "--nonfinite", "stop", "--out", stop]) == 3
+    err = capsys.readouterr().err
+    assert "at step 2 (epoch 1, batch 2); stopped" in err
+    assert f"no checkpoint has been written to {stop} yet" in err and "is intact" not in err
+    _nan_at(3, monkeypatch)
+    stop = str(tmp_path / "stop_after_checkpoint")
+    assert train.main(FAST + ["--epochs", "1", "--nonfinite", "stop", "--ckpt_every", "2",
+                              "--out", stop]) == 3
+    err = capsys.readouterr().err
+    assert f"at step 3 (epoch 1, batch 3); stopped (--nonfinite stop); the last checkpoint in " \
+        f"{stop} is intact" in err
+    assert train.load_checkpoint(stop)["step"] == 2
+
+
+def test_skip_stops_after_too_many_consecutive_nonfinite_steps(tmp_path, monkeypatch, capsys):
+    help_text = " ".join(train.build_parser().format_help().split())
+    assert f"stops after {train.MAX_CONSECUTIVE_NONFINITE} consecutive skipped steps" in help_text
+    monkeypatch.setattr(train, "MAX_CONSECUTIVE_NONFINITE", 3)
+    real = train._compute_loss
+    calls = {"n": 0}
+
+    def fake(*args):
+        calls["n"] += 1
+        loss = real(*args)
+        return loss * float("nan") if calls["n"] in (1, 2, 4, 5, 6, 7) else loss
+    monkeypatch.setattr(train, "_compute_loss", fake)
+    out = str(tmp_path / "nan")
+    assert train.main(FAST + ["--epochs", "2", "--out", out]) == 3
+    captured = capsys.readouterr()
+    # steps 1-2 skipped, 3 fine (the count restarts), 4-5 skipped, 6 is the third in a row
+    assert "at step 5 (epoch 1, batch 5); step skipped (4 skipped so far)" in captured.out
+    assert "at step 6 (epoch 1, batch 6); stopped after 3 consecutive non-finite steps" \
+        in captured.err
+    assert calls["n"] == 6                                      # nothing ran after the stop
 
 
 def test_interrupt_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     _nan_at(5, monkeypatch, exc=KeyboardInterrupt())
     out = str(tmp_path / "int")
     assert train.main(FAST + ["--epochs", "1", "--ckpt_every", "2", "--out", out]) == 130
-    assert "interrupted" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"interrupted; the last checkpoint is intact: continue with --resume {out}\n" in err
     ckpt = train.load_checkpoint(out)
     assert ckpt["step"] == 4 and ckpt["batch_in_epoch"] == 4
+    _nan_at(1, monkeypatch, exc=KeyboardInterrupt())
+    early = str(tmp_path / "early")
+    assert train.main(FAST + ["--epochs", "1", "--out", early]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; no checkpoint was written yet to {early}; nothing to resume" in err
+    assert "--resume" not in err and not os.path.exists(os.path.join(early, train.CKPT_NAME))
+
+
+@pytest.mark.parametrize("fail", ["fsync", "replace"])
+def test_interrupted_atomic_write_leaves_no_temp_file(tmp_path, monkeypatch, fail):
+    path = tmp_path / train.CKPT_NAME
+    path.write_bytes(b"old")
+
+    def boom(*args):
+        raise KeyboardInterrupt() if fail == "fsync" else OSError(28, "No space left on device")
+    monkeypatch.setattr(os, fail, boom)
+    with pytest.raises(KeyboardInterrupt if fail == "fsync" else OSError):
+        train._atomic_write_bytes(str(path), b"new")
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == [train.CKPT_NAME] and path.read_bytes() == b"old"
+    train._atomic_write_bytes(str(path), b"new")
+    assert os.listdir(tmp_path) == [train.CKPT_NAME] and path.read_bytes() == b"new"
+
+
+def test_out_dir_holding_a_run_or_unusable_is_refused(digits_run, tmp_path, capsys):
+    run = str(tmp_path / "existing")
+    shutil.copytree(digits_run, run)
+    before = {f: (tmp_path / "existing" / f).read_bytes() for f in os.listdir(run)}
+    assert train.main(FAST + ["--epochs", "1", "--out", run]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {run!r} already holds a run (metrics.jsonl, checkpoint.pt); pass --resume " \
+        f"{run} to continue it, or choose another --out" in err
+    # continuing one run into another run's directory is refused too
+    assert train.main(["--resume", digits_run, "--out", run]) == 2
+    assert f"--out {run!r} already holds a run" in capsys.readouterr().err
+    assert before == {f: (tmp_path / "existing" / f).read_bytes() for f in os.listdir(run)}
+    (tmp_path / "a_file").write_text("x")
+    for out, match in [(str(tmp_path / "a_file"), "exists and is not a directory"),
+                       (str(tmp_path / "a_file" / "x"), "cannot create the output directory")]:
+        assert train.main(FAST + ["--epochs", "1", "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out!r}" in err and match in err and "Traceback" not in err
 
 
 def test_lm_smoke_with_bf16_autocast_and_jacobian_loss(tmp_path):
@@ -170,6 +287,89 @@ def test_lm_smoke_with_bf16_autocast_and_jacobian_loss(tmp_path):
     rec = _jsonl(os.path.join(out, "metrics.jsonl"))[0]
     assert rec["test_ppl"] > 1 and rec["unigram_loss"] == pytest.approx(3.18, abs=0.05)
     assert rec["f_nfe"] > 0 and torch.isfinite(torch.tensor(rec["train_loss"]))
+
+
+def _write_corpus(root, short=None):
+    """Tiny WikiText-style files: 10 tokens per line (9 words + <eos>); train 400 tokens, valid
+    (words w0-w9) and test (w10-w19 and unseen words) 60 each; the ``short`` split 10 tokens."""
+    os.makedirs(root, exist_ok=True)
+    lines = {"train": [" ".join(f"w{(3 * i + j) % 20}" for j in range(9)) for i in range(40)],
+             "valid": [" ".join(f"w{(i + j) % 10}" for j in range(9)) for i in range(6)],
+             "test": [" ".join(f"w{10 + (i * j) % 10} zz{j % 3}" for j in range(4)) + " w1"
+                      for i in range(6)]}
+    if short:
+        lines[short] = lines[short][:1]
+    for split, text in lines.items():
+        with open(os.path.join(root, f"wiki.{split}.tokens"), "w") as fh:
+            fh.write("\n".join(text) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+def test_short_wikitext_split_is_refused_before_training(tmp_path, capsys, split):
+    root = _write_corpus(str(tmp_path / "wiki"), short=split)
+    out = str(tmp_path / "run")
+    assert train.main(LM_FAST + ["--data", "wikitext103", "--data_dir", root, "--out", out]) == 2
+    path = os.path.join(root, f"wiki.{split}.tokens")
+    assert f"{split} split (file {path}) has 10 tokens (each line end counts as one <eos> " \
+        "token); --seq_len 16 needs at least 18" in capsys.readouterr().err
+    assert not os.path.exists(out)                              # refused before any training
+
+
+def test_eval_of_a_language_model_reports_the_test_split(tmp_path, capsys):
+    from deq_fast.data import load_wikitext103, unigram_loss
+    root = _write_corpus(str(tmp_path / "wiki"))
+    out = str(tmp_path / "run")
+    assert train.main(LM_FAST + ["--data", "wikitext103", "--data_dir", root, "--epochs", "1",
+                                 "--out", out]) == 0
+    rec = _jsonl(os.path.join(out, "metrics.jsonl"))[0]         # per epoch: the valid split
+    capsys.readouterr()
+    results = {}
+    for split in ("test", "valid"):
+        assert train.eval_main(["--ckpt", out] + (["--split", split] if split == "valid"
+                                                  else [])) == 0
+        results[split] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert results[split]["split"] == split
+    data = load_wikitext103(root)
+    assert results["test"]["unigram_loss"] == pytest.approx(unigram_loss(data, "test"))
+    assert results["valid"]["unigram_loss"] == pytest.approx(rec["unigram_loss"])
+    assert results["valid"]["test_loss"] == pytest.approx(rec["test_loss"], rel=1e-6)
+    assert results["test"]["test_loss"] != pytest.approx(rec["test_loss"], rel=1e-3)
+
+
+def test_progress_option_and_language_model_perplexity(tmp_path, monkeypatch):
+    parse = train.build_parser().parse_args
+    assert parse(["--progress", "auto"]).progress == "auto"
+    assert parse(["--progress", "TRUE"]).progress is True and parse(["--progress"]).progress
+    assert parse(["--progress", "off"]).progress is False
+    with pytest.raises(SystemExit):
+        parse(["--progress", "sometimes"])
+
+    bars = []
+
+    class Bar:                                                  # records what tqdm would show
+        def __init__(self, **kw):
+            self.kw, self.postfixes = kw, []
+            bars.append(self)
+
+        def set_postfix(self, post, refresh=True):
+            self.postfixes.append(dict(post))
+
+        def update(self, n=1):
+            pass
+
+        def close(self):
+            pass
+    monkeypatch.setattr("tqdm.auto.tqdm", Bar)
+    assert train.main(LM_FAST + ["--epochs", "1", "--progress", "auto",
+                                 "--out", str(tmp_path / "lm")]) == 0
+    assert len(bars) == 1 and bars[0].kw["disable"] is None     # auto: tqdm decides (terminal)
+    assert len(bars[0].postfixes) == 3
+    for post in bars[0].postfixes:
+        assert float(post["ppl"]) == pytest.approx(math.exp(float(post["loss"])), rel=2e-3)
+    vision = train._progress_postfix(dict(loss=2.0, n=4, correct=3, count=4, f_nfe=10, steps=2,
+                                          skipped=0, res=0.2, n_solve=2), lm=False)
+    assert vision == {"loss": "0.500", "nfe": "5.0", "res": "1.0e-01", "acc": "75.0"}
 
 
 def test_torchrun_two_processes_stay_in_sync_and_resume(tmp_path):

@@ -28,6 +28,8 @@ class LMData:
         vocab_size: number of distinct ids.
         itos: id -> token string for word-level corpora; ``None`` for byte-level (id = byte).
         name: corpus name, for logs.
+        files: split name (``"train"``, ``"valid"``, ``"test"``) -> the file it was read from;
+            ``None`` for embedded corpora.
     """
 
     train: torch.Tensor
@@ -36,6 +38,7 @@ class LMData:
     vocab_size: int
     name: str
     itos: list[str] | None = None
+    files: dict[str, str] | None = None
 
     def decode(self, ids: torch.Tensor) -> str:
         """Token ids ``(T,)`` back to text (bytes decoded with replacement)."""
@@ -160,7 +163,8 @@ def load_wikitext103(root: str) -> LMData:
             torch.zeros(0, dtype=torch.int64)
 
     train, valid, test = (encode(p) for p in paths)
-    return LMData(train, valid, test, len(itos), "wikitext103", itos)
+    return LMData(train, valid, test, len(itos), "wikitext103", itos,
+                  dict(zip(("train", "valid", "test"), paths)))
 
 
 def lm_windows(tokens: torch.Tensor, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor,

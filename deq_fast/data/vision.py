@@ -105,17 +105,19 @@ def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> VisionData:
                       norm(x_test), torch.from_numpy(labels[test_mask]), 10, "digits")
 
 
+_CIFAR_EXPECTED = ("a pickled dict with b'data' (N, 3072) uint8 and b'labels' (N ints in 0..9), "
+                   "as in cifar-10-python.tar.gz")
+
+
 def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 python batch -> (uint8 (N, 3, 32, 32), int64 (N,)); ValueError if malformed."""
     try:
         with open(path, "rb") as fh:
             entry = pickle.load(fh, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            ImportError, IndexError, KeyError, UnicodeDecodeError) as exc:
+    except Exception as exc:  # damaged pickles raise many types: OverflowError, MemoryError, ...
         raise ValueError(
-            f"CIFAR-10 file {path} is corrupt or truncated ({type(exc).__name__}: {exc}); expected "
-            "a pickled dict with b'data' (N, 3072) uint8 and b'labels' (N ints), as in "
-            "cifar-10-python.tar.gz") from exc
+            f"CIFAR-10 file {path} is corrupt or truncated ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); expected {_CIFAR_EXPECTED}") from exc
     if not isinstance(entry, dict):
         raise ValueError(f"CIFAR-10 file {path}: expected a pickled dict, got {type(entry).__name__}")
     # Files written by Python 3 pickle may carry str keys; accept both.
@@ -124,14 +126,22 @@ def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     if data is None or labels is None:
         keys = sorted(str(k) for k in entry)
         raise ValueError(f"CIFAR-10 file {path}: missing key 'data' or 'labels' (found {keys})")
-    data = np.asarray(data)
-    labels = np.asarray(labels)
+    try:
+        data = np.asarray(data)
+        labels = np.asarray(labels)
+    except Exception as exc:  # ragged lists, exotic objects, out of memory
+        raise ValueError(f"CIFAR-10 file {path}: 'data' or 'labels' is not an array "
+                         f"({type(exc).__name__}: {str(exc)[:200]}); expected "
+                         f"{_CIFAR_EXPECTED}") from exc
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise ValueError(f"CIFAR-10 file {path}: 'data' must be uint8 of shape (N, 3072), "
                          f"got {data.dtype} {tuple(data.shape)}")
     if labels.shape != (data.shape[0],):
         raise ValueError(f"CIFAR-10 file {path}: 'labels' must have {data.shape[0]} entries "
                          f"(one per image), got shape {tuple(labels.shape)}")
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"CIFAR-10 file {path}: 'labels' must be integers in 0..9, got dtype "
+                         f"{labels.dtype} (first label {labels[:1].tolist()[0]!r})")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise ValueError(f"CIFAR-10 file {path}: labels must be in 0..9, "
                          f"got range [{labels.min()}, {labels.max()}]")
