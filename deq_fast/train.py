@@ -53,6 +53,8 @@ __all__ = ["main", "eval_main", "run_training", "evaluate_checkpoint", "build_pa
 CKPT_NAME = "checkpoint.pt"
 CKPT_FORMAT = "deq_fast.train/1"
 SOLVERS = ("anderson", "broyden", "fixed_point_iter", "simple_fixed_point_iter")
+# backward solvers: TorchDEQ's names, plus deq_fast's GMRES and its automatic choice
+B_SOLVERS = SOLVERS + ("gmres", "auto")
 DEFAULT_DEQ_IMPL = "deq_fast"
 # With --nonfinite skip, stop after this many consecutive non-finite steps: the weights or the
 # optimizer state are then most likely non-finite, and every later step would be skipped.
@@ -160,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--f_max_iter", type=_positive(int))
     g.add_argument("--f_tol", type=_positive(float))
     g.add_argument("--f_stop_mode", choices=("abs", "rel"))
-    g.add_argument("--b_solver", choices=SOLVERS)
+    g.add_argument("--b_solver", choices=B_SOLVERS,
+                   help="backward solver (gmres and auto: deq_fast only)")
     g.add_argument("--b_max_iter", type=_positive(int))
     g.add_argument("--b_tol", type=_positive(float))
     g.add_argument("--b_stop_mode", choices=("abs", "rel"))
@@ -191,6 +194,9 @@ def _validate(cfg: dict[str, Any]) -> None:
                             f"{cfg['data']}")
     if needs_dir and not cfg.get("data_dir"):
         raise TrainingError(f"--data {cfg['data']} reads files from disk: pass --data_dir DIR")
+    if cfg["deq_impl"] != "deq_fast" and cfg["b_solver"] not in SOLVERS:
+        raise TrainingError(f"--b_solver {cfg['b_solver']} is a deq_fast backward solver; with "
+                            f"--deq_impl {cfg['deq_impl']} use one of {list(SOLVERS)}")
 
 
 def _deq_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -145,13 +145,23 @@ def test_bad_options_exit_before_training(argv, match, capsys):
     assert exc.value.code == 2 and match in capsys.readouterr().err
 
 
+def test_gmres_backward_trains(tmp_path):
+    """deq_fast's GMRES backward is reachable from the command line and does its VJPs."""
+    out = str(tmp_path / "gmres")
+    assert train.main(FAST + ["--b_solver", "gmres", "--pretrain_steps", "0", "--max_steps", "2",
+                              "--out", out]) == 0
+    steps = _jsonl(os.path.join(out, "steps.jsonl"))
+    assert len(steps) == 2 and all(0 < s["b_nfe"] <= 5 for s in steps)
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--data", "cifar10"], "pass --data_dir"),
     (["--data", "cifar10", "--data_dir", "/nonexistent/cifar"], "'/nonexistent/cifar' does not "
                                                                  "exist"),
     (["--model", "deq-lm-small", "--data", "digits"], "needs data among"),
     (["--resume", "/nonexistent/run"], "no checkpoint at"),
-], ids=["no-dir", "missing-dir", "kind", "resume"])
+    (["--deq_impl", "torchdeq", "--b_solver", "gmres"], "is a deq_fast backward solver"),
+], ids=["no-dir", "missing-dir", "kind", "resume", "gmres-on-torchdeq"])
 def test_bad_data_or_checkpoint_is_named(argv, match, capsys, tmp_path):
     assert train.main(argv + ["--out", str(tmp_path / "o")]) == 2
     assert match in capsys.readouterr().err
