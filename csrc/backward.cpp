@@ -58,8 +58,9 @@ int64_t grain(int64_t D) { return std::max<int64_t>(1, (int64_t{1} << 16) / std:
 
 // ---- streaming helpers (the CPU kernels are bound by memory traffic over the histories) -------
 // Built twice where the toolchain can: for x86-64-v3 (AVX2/FMA) and for the baseline, picked at
-// load time (GCC function multi-versioning); elsewhere only the baseline version exists.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// load time (GCC >= 12 function multi-versioning); elsewhere only the baseline version exists.
+#if defined(__GNUC__) && __GNUC__ >= 12 && !defined(__clang__) && defined(__x86_64__) && \
+    defined(__linux__)
 #define DEQ_FAST_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define DEQ_FAST_CLONES
@@ -68,56 +69,52 @@ int64_t grain(int64_t D) { return std::max<int64_t>(1, (int64_t{1} << 16) / std:
 // Elements per tile of the history combinations: the double accumulators stay in L1/L2.
 constexpr int64_t kTile = 2048;
 
-// Dot products: 16 lanes in the state dtype over blocks of 256 elements (vectorisable: a strictly
-// ordered sum is not), each block's sum accumulated in double. For fp32 states a block sum carries
-// at most ~16 fp32 roundings, far below the fp32 data's own precision.
-constexpr int64_t kLanes = 16, kBlock = 256;
+// Dot products in double (products too: fp32 products of tiny or huge values would underflow or
+// overflow), over 16 independent lanes so that the compiler can vectorise the loop (a strictly
+// ordered sum cannot be).
+constexpr int64_t kLanes = 16;
 
 template <typename scalar_t>
 __attribute__((always_inline)) inline double dot_impl(const scalar_t* a, const scalar_t* b,
                                                       int64_t D) {
-  double total = 0.0;
+  double s[kLanes] = {};
   int64_t i = 0;
-  for (; i + kBlock <= D; i += kBlock) {
-    scalar_t s[kLanes] = {};
-    for (int64_t k = 0; k < kBlock; k += kLanes)
-      for (int64_t j = 0; j < kLanes; ++j) s[j] += a[i + k + j] * b[i + k + j];
-    double t = 0.0;
-    for (int64_t j = 0; j < kLanes; ++j) t += static_cast<double>(s[j]);
-    total += t;
-  }
+  for (; i + kLanes <= D; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j)
+      s[j] += static_cast<double>(a[i + j]) * static_cast<double>(b[i + j]);
+  double total = 0.0;
   for (; i < D; ++i) total += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+  for (int64_t j = 0; j < kLanes; ++j) total += s[j];
   return total;
 }
 
-// <a, b> and <a, c> in one pass over a.
+// <a, b> and <a, b - c> in one pass over a (the difference formed per element in double, so
+// that a small b - c does not cancel).
 template <typename scalar_t>
 __attribute__((always_inline)) inline void dot2_impl(const scalar_t* a, const scalar_t* b,
                                                      const scalar_t* c, int64_t D, double* ab,
-                                                     double* ac) {
-  double tb = 0.0, tc = 0.0;
+                                                     double* adiff) {
+  constexpr int64_t kHalf = kLanes / 2;
+  double sb[kHalf] = {}, sd[kHalf] = {};
   int64_t i = 0;
-  for (; i + kBlock <= D; i += kBlock) {
-    scalar_t sb[kLanes] = {}, sc[kLanes] = {};
-    for (int64_t k = 0; k < kBlock; k += kLanes)
-      for (int64_t j = 0; j < kLanes; ++j) {
-        sb[j] += a[i + k + j] * b[i + k + j];
-        sc[j] += a[i + k + j] * c[i + k + j];
-      }
-    double ub = 0.0, uc = 0.0;
-    for (int64_t j = 0; j < kLanes; ++j) {
-      ub += static_cast<double>(sb[j]);
-      uc += static_cast<double>(sc[j]);
+  for (; i + kHalf <= D; i += kHalf)
+    for (int64_t j = 0; j < kHalf; ++j) {
+      const double ai = static_cast<double>(a[i + j]), bi = static_cast<double>(b[i + j]);
+      sb[j] += ai * bi;
+      sd[j] += ai * (bi - static_cast<double>(c[i + j]));
     }
-    tb += ub;
-    tc += uc;
-  }
+  double tb = 0.0, td = 0.0;
   for (; i < D; ++i) {
-    tb += static_cast<double>(a[i]) * static_cast<double>(b[i]);
-    tc += static_cast<double>(a[i]) * static_cast<double>(c[i]);
+    const double ai = static_cast<double>(a[i]), bi = static_cast<double>(b[i]);
+    tb += ai * bi;
+    td += ai * (bi - static_cast<double>(c[i]));
+  }
+  for (int64_t j = 0; j < kHalf; ++j) {
+    tb += sb[j];
+    td += sd[j];
   }
   *ab = tb;
-  *ac = tc;
+  *adiff = td;
 }
 
 // acc[0 .. len) += sum_{l < n, l != skip} c[l] * hist[l * hs + 0 .. len), in slot order per
@@ -182,8 +179,8 @@ __attribute__((always_inline)) inline void combine2_impl(double* acc1, double* a
 #define DEQ_FAST_STREAMING(T)                                                                      \
   DEQ_FAST_CLONES double dot(const T* a, const T* b, int64_t D) { return dot_impl(a, b, D); }     \
   DEQ_FAST_CLONES void dot2(const T* a, const T* b, const T* c, int64_t D, double* ab,             \
-                            double* ac) {                                                          \
-    dot2_impl(a, b, c, D, ab, ac);                                                                 \
+                            double* adiff) {                                                       \
+    dot2_impl(a, b, c, D, ab, adiff);                                                              \
   }                                                                                                \
   DEQ_FAST_CLONES void combine_tile(double* acc, const double* c, const T* hist, int64_t hs,       \
                                     int64_t n, int64_t skip, int64_t len) {                        \
@@ -264,6 +261,7 @@ void bwd_anderson_mix_cpu(const Tensor& x, const Tensor& r, const Tensor& F, con
   check_history(G, "G", x);
   const int64_t B = x.size(0), D = x.size(1), m = F.size(0);
   TORCH_CHECK(G.size(0) == m && 1 <= n && n <= m && 0 <= slot && slot < n, "bad slot/n: ", slot, "/", n);
+  TORCH_CHECK(m <= kMaxHistory, "Anderson history longer than ", kMaxHistory);
   check_small(gram, "gram", at::kDouble, B);
   TORCH_CHECK(gram.dim() == 3 && gram.size(1) == m && gram.size(2) == m, "gram must be [B, m, m]");
   check_small(active, "active", at::kBool, B);
@@ -314,14 +312,15 @@ void bwd_broyden_step_cpu(const Tensor& x, const Tensor& r, const Tensor& r_prev
   check_history(U, "U", x);
   check_history(V, "V", x);
   const int64_t B = x.size(0), D = x.size(1), L = U.size(0);
+  TORCH_CHECK(L <= kMaxHistory, "Broyden history longer than ", kMaxHistory);
   TORCH_CHECK(V.size(0) == L && 0 <= n && n <= L && -1 <= slot && slot < L &&
                   (slot < 0 || slot <= n),
               "bad n/slot: ", n, "/", slot);
   check_small(active, "active", at::kBool, B);
   // Three passes over the kept columns (4n column reads; the CUDA kernel's direct form reads 6n):
-  //   dots    a_l = <u_l, dx>, b_l = <v_l, r>, c_l = <v_l, r_prev>              (U and V once)
-  //   V pass  v = -dx + sum a_l v_l  (= H^T dx), den = <v, dr>, vr = <v, r>     (dr = r - r_prev)
-  //   U pass  Hr = -r + sum b_l u_l, Hdr = -dr + sum (b_l - c_l) u_l,
+  //   dots    a_l = <u_l, dx>, b_l = <v_l, r>, e_l = <v_l, dr>   (dr = r - r_prev; U, V once)
+  //   V pass  v = -dx + sum a_l v_l  (= H^T dx), den = <v, dr>, vr = <v, r>
+  //   U pass  Hr = -r + sum b_l u_l, Hdr = -dr + sum e_l u_l,
   //           u = (dx - Hdr) / den, dx' = -H' r = -Hr - vr u
   // (H excludes column `slot`, which the update overwrites; a failed denominator zeroes u and v.)
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bwd_broyden_step", [&] {
@@ -335,16 +334,16 @@ void bwd_broyden_step_cpu(const Tensor& x, const Tensor& r, const Tensor& r_prev
     const int64_t hs = B * D;
     const bool update = slot >= 0;
     at::parallel_for(0, B, grain(D), [&](int64_t b0, int64_t b1) {
-      double a[kMaxHistory], bc[kMaxHistory], c[kMaxHistory], hr[kTile], hd[kTile];
+      double a[kMaxHistory], bc[kMaxHistory], e[kMaxHistory], hr[kTile], hd[kTile];
       for (int64_t b = b0; b < b1; ++b) {
         if (!act[b]) continue;
         const int64_t o = b * D;
         for (int64_t l = 0; l < n; ++l) {
-          a[l] = bc[l] = c[l] = 0.0;
+          a[l] = bc[l] = e[l] = 0.0;
           if (l == slot) continue;
           if (update) {
             a[l] = dot(Up + l * hs + o, dp + o, D);
-            dot2(Vp + l * hs + o, rp + o, pp + o, D, &bc[l], &c[l]);
+            dot2(Vp + l * hs + o, rp + o, pp + o, D, &bc[l], &e[l]);
           } else {
             bc[l] = dot(Vp + l * hs + o, rp + o, D);
           }
@@ -366,8 +365,6 @@ void bwd_broyden_step_cpu(const Tensor& x, const Tensor& r, const Tensor& r_prev
         }
         const bool ok = update && broyden_denominator_ok(den);
         if (update && !ok) std::fill(Vp + slot * hs + o, Vp + slot * hs + o + D, scalar_t(0));
-        double bmc[kMaxHistory];
-        for (int64_t l = 0; l < n; ++l) bmc[l] = bc[l] - c[l];
         scalar_t* us = update ? Up + slot * hs + o : nullptr;
         for (int64_t t0 = 0; t0 < D; t0 += kTile) {
           const int64_t len = std::min(kTile, D - t0), ot = o + t0;
@@ -377,7 +374,7 @@ void bwd_broyden_step_cpu(const Tensor& x, const Tensor& r, const Tensor& r_prev
             hd[i] = static_cast<double>(pp[ot + i]) - ri;
           }
           if (update) {
-            combine2_tile(hr, hd, bc, bmc, Up + ot, hs, n, slot, len);
+            combine2_tile(hr, hd, bc, e, Up + ot, hs, n, slot, len);
           } else {
             combine_tile(hr, bc, Up + ot, hs, n, slot, len);
           }
@@ -386,7 +383,8 @@ void bwd_broyden_step_cpu(const Tensor& x, const Tensor& r, const Tensor& r_prev
             if (update) {
               const double u = ok ? (static_cast<double>(dp[ot + i]) - hd[i]) / den : 0.0;
               us[t0 + i] = static_cast<scalar_t>(u);
-              step -= vr * static_cast<double>(us[t0 + i]);
+              // a failed update adds nothing (vr may be non-finite with den)
+              if (ok) step -= vr * static_cast<double>(us[t0 + i]);
             }
             dp[ot + i] = static_cast<scalar_t>(step);
             xp[ot + i] += dp[ot + i];
@@ -595,15 +593,20 @@ std::tuple<Tensor, Tensor, int64_t, int64_t> backward_solve(
   L.r = at::zeros_like(grad);
   Tensor x = x0.clone();
   bool free_eval = zero_init;  // T(0) = grad: the first evaluation needs no VJP
+  Tensor start_rel;            // residual of the zero start (zero_init only)
   auto measure = [&]() {
     const bool zero_start = free_eval;
     Tensor jtx = free_eval ? at::zeros_like(x) : L.vjp(x);
     free_eval = false;
     track.call(x, jtx, grad, inv_gnorm, L.r, L.best_x, L.best_rel, L.active, tol);
-    // The zero start is measured (its residual starts the iteration) but never returned as the
+    // The zero start is measured (its residual starts the iteration) but not returned as the
     // best iterate of a sample still iterating: on a diverging solve it would turn into a zero
-    // gradient. The first iterate, grad itself, is always measured after it.
-    if (zero_start) L.best_rel.masked_fill_(L.active, std::numeric_limits<double>::infinity());
+    // gradient. Only a sample with no finite measured iterate after it (a budget of one GMRES
+    // VJP, or every iterate non-finite) falls back to it, with its residual (see the end).
+    if (zero_start) {
+      start_rel = L.best_rel.clone();
+      L.best_rel.masked_fill_(L.active, std::numeric_limits<double>::infinity());
+    }
   };
 
   if (method == "fixed_point" || method == "anderson" || method == "broyden") {
@@ -664,6 +667,8 @@ std::tuple<Tensor, Tensor, int64_t, int64_t> backward_solve(
   } else {
     TORCH_CHECK(false, "unknown method '", method, "'");
   }
+  if (start_rel.defined())  // no finite iterate after the zero start: best_x is still zero
+    L.best_rel = at::where(at::isinf(L.best_rel), start_rel, L.best_rel);
   return {L.best_x, L.best_rel, L.nvjp, L.nsync};
 }
 

@@ -288,7 +288,7 @@ def _python_solve(fz, z, grad, inv_gnorm, active0, x0, zero_init, method, max_it
     best_rel = torch.full((B,), math.inf, dtype=torch.float64, device=grad.device)
     r = torch.zeros_like(grad)
     x = x0.clone()
-    state = {"nvjp": 0, "nsync": 0, "free": zero_init}
+    state = {"nvjp": 0, "nsync": 0, "free": zero_init, "start_rel": None}
 
     def vjp(v):
         state["nvjp"] += 1
@@ -303,7 +303,8 @@ def _python_solve(fz, z, grad, inv_gnorm, active0, x0, zero_init, method, max_it
         jtx = torch.zeros_like(x) if zero_start else vjp(x)
         state["free"] = False
         _ref_track(x, jtx, grad, inv_gnorm, r, best_x, best_rel, active, tol)
-        if zero_start:  # never return the zero start of a sample still iterating (see C++)
+        if zero_start:  # the zero start is a fallback only (see the C++ loop)
+            state["start_rel"] = best_rel.clone()
             best_rel.masked_fill_(active, math.inf)
 
     if method in ("fixed_point", "anderson", "broyden"):
@@ -356,6 +357,8 @@ def _python_solve(fz, z, grad, inv_gnorm, active0, x0, zero_init, method, max_it
             _ref_gmres_update(x, Q, R, s, kdim)
     else:
         raise ValueError(f"unknown method {method!r}")
+    if state["start_rel"] is not None:  # no finite iterate after the zero start: best_x is zero
+        best_rel = torch.where(torch.isinf(best_rel), state["start_rel"], best_rel)
     return best_x, best_rel, state["nvjp"], state["nsync"]
 
 

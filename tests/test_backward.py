@@ -269,6 +269,29 @@ def test_diverging_solve_never_returns_the_zero_start(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_gmres_budget_of_one_falls_back_to_the_zero_start(backend):
+    """max_iter=1 leaves GMRES no VJP after the free measurement: g = 0 with its true residual 1."""
+    fz, z, grad, _ = make_problem(2, 7, torch.float64)
+    g, info = implicit_backward(fz, z, grad, method="gmres", max_iter=1, tol=1e-10,
+                                backend=backend)
+    assert (g == 0).all()
+    torch.testing.assert_close(info["rel_residual"], torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["anderson", "broyden", "gmres"])
+@pytest.mark.parametrize("scale", [1e-24, 1e20], ids=["tiny", "huge"])
+def test_float32_gradients_of_extreme_magnitude(method, backend, scale):
+    """Dot products are formed in double: fp32 products of 1e-24-sized entries would underflow
+    to zero (and GMRES would not start), of 1e20-sized ones overflow; the solution scales."""
+    fz, z, grad, ref = make_problem(2, 300, torch.float32, rho=0.5, seed=3)
+    g, info = implicit_backward(fz, z, grad * scale, method=method, max_iter=40, tol=1e-5,
+                                backend=backend)
+    assert info["converged"].all()
+    assert rel_err(g / scale, ref) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", ITERATIVE)
 def test_nonfinite_and_zero_grad_samples(method, backend):
     fz, z, grad, ref = make_problem(4, 17, torch.float64, seed=4)
