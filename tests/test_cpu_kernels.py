@@ -161,3 +161,18 @@ def test_solve_uses_the_fused_ops_and_equals_the_reference(C, dtype):
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(fast.z, ref.z, rtol=tol, atol=tol)
     torch.testing.assert_close(fast.abs_trace, ref.abs_trace, rtol=tol, atol=tol)
+
+
+def test_opcheck(C):
+    """Schemas (mutated arguments), fake kernels and autograd registration pass torch's checks."""
+    get_ops("torch")   # registers the fake kernels
+    B, D, L = 2, 40, 3
+    gen = _gen("opcheck")
+    U, V = _ring(gen, B, D, L, 2, torch.float32)
+    x, fx, dx = (_randn(gen, (B, D), torch.float32) for _ in range(3))
+    ab, scal = torch.zeros(B, 2, L), torch.zeros(B, 4)
+    torch.library.opcheck(C.cpu_broyden_dots, (x, fx, torch.empty(B, D), dx, U, V, ab, scal, 2))
+    flags = torch.tensor([True, False])
+    torch.library.opcheck(C.cpu_broyden_update,
+                          (x.clone(), fx, dx.clone(), U.clone(), V.clone(), ab, scal, x.clone(),
+                           flags, flags, 2, 2))

@@ -49,8 +49,19 @@ def get_ops(backend: str, fused_cpu: bool = True) -> types.SimpleNamespace:
     return _registered(backend)
 
 
+CPU_FUSED = ("cpu_broyden_dots", "cpu_broyden_update")
+
+
+@functools.lru_cache(maxsize=None)
+def _register_cpu_fakes() -> None:
+    """Fake kernels of the C++ CPU ops (they only mutate their arguments), for tracing."""
+    for name in CPU_FUSED:
+        torch.library.register_fake(f"deq_fast::{name}")(lambda *args: None)
+
+
 def _cpu_or(reference, name: str):
     """The C++ op ``name`` for CPU float32/float64 states (first argument), else ``reference``."""
+    _register_cpu_fakes()
     fused = getattr(torch.ops.deq_fast, name)
 
     def op(x, *args):
