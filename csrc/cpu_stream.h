@@ -75,6 +75,32 @@ __attribute__((always_inline)) inline void dot2_impl(const scalar_t* a, const sc
   *adiff = td;
 }
 
+// <a, b> and <c, d> in one pass (two independent streams: more memory-level parallelism).
+template <typename scalar_t>
+__attribute__((always_inline)) inline void dot_pair_impl(const scalar_t* a, const scalar_t* b,
+                                                         const scalar_t* c, const scalar_t* d,
+                                                         int64_t D, double* ab, double* cd) {
+  constexpr int64_t kHalf = kLanes / 2;
+  double s[kHalf] = {}, t[kHalf] = {};
+  int64_t i = 0;
+  for (; i + kHalf <= D; i += kHalf)
+    for (int64_t j = 0; j < kHalf; ++j) {
+      s[j] += static_cast<double>(a[i + j]) * static_cast<double>(b[i + j]);
+      t[j] += static_cast<double>(c[i + j]) * static_cast<double>(d[i + j]);
+    }
+  double sa = 0.0, sc = 0.0;
+  for (; i < D; ++i) {
+    sa += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+    sc += static_cast<double>(c[i]) * static_cast<double>(d[i]);
+  }
+  for (int64_t j = 0; j < kHalf; ++j) {
+    sa += s[j];
+    sc += t[j];
+  }
+  *ab = sa;
+  *cd = sc;
+}
+
 // acc[0 .. len) += sum_{l < n, l != skip} c[l] * hist[l * hs + 0 .. len), in slot order per
 // element. Four slots per sweep over the accumulators (one load/store of acc per four columns).
 template <typename scalar_t>
@@ -139,6 +165,10 @@ __attribute__((always_inline)) inline void combine2_impl(double* acc1, double* a
   DEQ_FAST_CLONES void dot2(const T* a, const T* b, const T* c, int64_t D, double* ab,             \
                             double* adiff) {                                                       \
     dot2_impl(a, b, c, D, ab, adiff);                                                              \
+  }                                                                                                \
+  DEQ_FAST_CLONES void dot_pair(const T* a, const T* b, const T* c, const T* d, int64_t D,         \
+                                double* ab, double* cd) {                                          \
+    dot_pair_impl(a, b, c, d, D, ab, cd);                                                          \
   }                                                                                                \
   DEQ_FAST_CLONES void combine_tile(double* acc, const double* c, const T* hist, int64_t hs,       \
                                     int64_t n, int64_t skip, int64_t len) {                        \

@@ -124,9 +124,10 @@ void broyden_dots(const Tensor& x, const Tensor& fx, const Tensor& g, const Tens
         acc_t* a = abp + b * 2 * L;
         acc_t* c = a + L;
         for (int64_t l = 0; l < L; ++l) {
-          const bool kept = l < n_valid;
-          a[l] = kept ? static_cast<acc_t>(dot(Up + (b * L + l) * D, dp + o, D)) : acc_t(0);
-          c[l] = kept ? static_cast<acc_t>(dot(Vp + (b * L + l) * D, gp + o, D)) : acc_t(0);
+          double al = 0.0, cl = 0.0;
+          if (l < n_valid) dot_pair(Up + (b * L + l) * D, dp + o, Vp + (b * L + l) * D, gp + o, D, &al, &cl);
+          a[l] = static_cast<acc_t>(al);
+          c[l] = static_cast<acc_t>(cl);
         }
         acc_t* s = sp + b * 4;
         s[0] = static_cast<acc_t>(dg);
