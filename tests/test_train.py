@@ -403,6 +403,15 @@ def test_torchrun_two_processes_stay_in_sync_and_resume(tmp_path):
     assert ckpt["step"] == 6 and ckpt["epoch"] == 1 and len(set(ckpt["param_digests"])) == 1
     assert len(_jsonl(os.path.join(out, "metrics.jsonl"))) == 1  # written once, by rank 0
     assert [s["step"] for s in _jsonl(os.path.join(out, "steps.jsonl"))] == list(range(1, 7))
+    # the epoch resumed in its middle is recorded as a whole: same statistics, summed over both
+    # ranks and both halves, as an uninterrupted 2-process run
+    whole = str(tmp_path / "whole")
+    r = subprocess.run(cmd + FAST + ["--epochs", "1", "--out", whole], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got, want = (_jsonl(os.path.join(d, "metrics.jsonl"))[0] for d in (out, whole))
+    for key in ("train_loss", "train_acc", "f_nfe", "b_nfe", "residual", "test_acc"):
+        assert math.isclose(got[key], want[key], rel_tol=1e-6, abs_tol=1e-9), key
 
 
 def test_console_script_dispatch(capsys, digits_run):
