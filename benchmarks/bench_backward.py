@@ -27,7 +27,7 @@ import time
 import pytest
 import torch
 
-from deq_fast.backward import DEFAULT_METHOD, implicit_backward
+from deq_fast.implicit.backward import DEFAULT_METHOD, implicit_backward
 
 B = int(os.environ.get("BENCH_B", "8"))
 D = int(os.environ.get("BENCH_D", "1024"))

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from deq_fast import _ext
+from deq_fast.ops import extension
 from deq_fast.ops.broyden import broyden_dots_reference, broyden_update_reference
 
 
@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=10, help="written history columns")
     p.add_argument("--reps", type=int, default=7)
     args = p.parse_args(argv)
-    if _ext.load() is None:
-        print("deq_fast._C is not built:", _ext.extension_status()[1])
+    if extension.load() is None:
+        print("deq_fast._C is not built:", extension.extension_status()[1])
         return 1
     torch.set_num_threads(1)
     B, D, n = args.B, args.D, args.n

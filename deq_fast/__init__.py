@@ -18,25 +18,25 @@ __version__ = "0.1.0"
 # public name -> submodule that defines it
 _EXPORTS = {
     # solvers
-    "solve": "deq_fast.solver", "SolveResult": "deq_fast.solver",
-    "anderson": "deq_fast.compat_locuslab", "broyden": "deq_fast.compat_locuslab",
-    "anderson_solver": "deq_fast.compat_torchdeq", "broyden_solver": "deq_fast.compat_torchdeq",
-    "fixed_point_iter": "deq_fast.compat_torchdeq",
-    "simple_fixed_point_iter": "deq_fast.compat_torchdeq",
-    "get_solver": "deq_fast.compat_torchdeq", "register_solver": "deq_fast.compat_torchdeq",
+    "solve": "deq_fast.solvers.api", "SolveResult": "deq_fast.solvers.api",
+    "anderson": "deq_fast.compat.locuslab", "broyden": "deq_fast.compat.locuslab",
+    "anderson_solver": "deq_fast.compat.torchdeq", "broyden_solver": "deq_fast.compat.torchdeq",
+    "fixed_point_iter": "deq_fast.compat.torchdeq",
+    "simple_fixed_point_iter": "deq_fast.compat.torchdeq",
+    "get_solver": "deq_fast.compat.torchdeq", "register_solver": "deq_fast.compat.torchdeq",
     # backend information
-    "extension_status": "deq_fast._ext", "triton_status": "deq_fast._backend",
+    "extension_status": "deq_fast.ops.extension", "triton_status": "deq_fast.ops.backends",
     # DEQ module and utilities
-    "get_deq": "deq_fast.deq", "reset_deq": "deq_fast.deq", "DEQ": "deq_fast.deq",
-    "add_deq_args": "deq_fast.deq", "BackwardNotConverged": "deq_fast.deq",
-    "implicit_backward": "deq_fast.backward",
-    "jac_reg": "deq_fast.utils", "power_method": "deq_fast.utils",
-    "fp_correction": "deq_fast.utils", "mixed_init": "deq_fast.utils",
-    "apply_norm": "deq_fast.norm", "reset_norm": "deq_fast.norm", "remove_norm": "deq_fast.norm",
-    "VariationalDropout1d": "deq_fast.dropout", "VariationalDropout2d": "deq_fast.dropout",
-    "VariationalDropout3d": "deq_fast.dropout", "VariationalDropToken1d": "deq_fast.dropout",
-    "VariationalDropToken2d": "deq_fast.dropout", "VariationalDropToken3d": "deq_fast.dropout",
-    "reset_dropout": "deq_fast.dropout",
+    "get_deq": "deq_fast.nn.deq", "reset_deq": "deq_fast.nn.deq", "DEQ": "deq_fast.nn.deq",
+    "add_deq_args": "deq_fast.nn.deq", "BackwardNotConverged": "deq_fast.nn.deq",
+    "implicit_backward": "deq_fast.implicit.backward",
+    "jac_reg": "deq_fast.nn.regularizers", "power_method": "deq_fast.nn.regularizers",
+    "fp_correction": "deq_fast.nn.regularizers", "mixed_init": "deq_fast.nn.regularizers",
+    "apply_norm": "deq_fast.nn.norm", "reset_norm": "deq_fast.nn.norm", "remove_norm": "deq_fast.nn.norm",
+    "VariationalDropout1d": "deq_fast.nn.dropout", "VariationalDropout2d": "deq_fast.nn.dropout",
+    "VariationalDropout3d": "deq_fast.nn.dropout", "VariationalDropToken1d": "deq_fast.nn.dropout",
+    "VariationalDropToken2d": "deq_fast.nn.dropout", "VariationalDropToken3d": "deq_fast.nn.dropout",
+    "reset_dropout": "deq_fast.nn.dropout",
 }
 
 __all__ = sorted(_EXPORTS)

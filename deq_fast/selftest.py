@@ -233,14 +233,14 @@ def main(argv: Optional[list] = None) -> int:
     # (Broyden's den = 0, a singular Anderson system) before masking the result
     warnings.filterwarnings("ignore", message=".*encountered in", category=RuntimeWarning)
 
-    from deq_fast import _backend
+    from deq_fast.ops import backends
 
-    ok, msg = _backend.triton_status()
+    ok, msg = backends.triton_status()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not ok:
         print(f"deq_fast.selftest: cannot run the kernels: {msg}")
         return 2
-    if device == "cpu" and not _backend.interpreter_enabled():
+    if device == "cpu" and not backends.interpreter_enabled():
         print("deq_fast.selftest: no CUDA device and TRITON_INTERPRET is not 1: nothing can run "
               "the Triton kernels")
         return 2

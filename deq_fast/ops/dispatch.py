@@ -15,7 +15,7 @@ import types
 
 import torch
 
-from deq_fast import _ext
+from deq_fast.ops import extension
 
 from deq_fast.ops.anderson import anderson_mix_reference, anderson_residual_reference
 from deq_fast.ops.broyden import broyden_dots_reference, broyden_update_reference
@@ -42,7 +42,7 @@ def get_ops(backend: str, fused_cpu: bool = True) -> types.SimpleNamespace:
     if backend == "torch":
         cache: dict = {}
         ops = {n: functools.partial(getattr(REFERENCE, n), cache=cache) for n in OP_NAMES}
-        if fused_cpu and _ext.available():
+        if fused_cpu and extension.available():
             ops["broyden_dots"] = _cpu_or(ops["broyden_dots"], "cpu_broyden_dots")
             ops["broyden_update"] = _cpu_or(ops["broyden_update"], "cpu_broyden_update")
         return types.SimpleNamespace(**ops)

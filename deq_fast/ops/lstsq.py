@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from deq_fast import _ext
+from deq_fast.ops import extension
 
 __all__ = ["anderson_lstsq", "anderson_lstsq_reference", "MAX_M", "OP_NAME"]
 
@@ -103,7 +103,7 @@ def _fake_anderson_lstsq(gram: torch.Tensor, n: int, newest: int, lam: float,
     return gram.new_empty((gram.shape[0], gram.shape[1]))
 
 
-if _ext.load() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CPU"):
+if extension.load() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CPU"):
     torch.library.register_fake(OP_NAME)(_fake_anderson_lstsq)
     # Registrations are static once _C is loaded: look them up once, here, so that the dispatch
     # in anderson_lstsq is a constant dict lookup that torch.compile traces without a graph break.
@@ -148,7 +148,7 @@ def anderson_lstsq(gram: torch.Tensor, n: int, newest: int, lam: float = 1e-4,
         True
     """
     _check_args(gram, n, newest, lam)
-    if gram.shape[1] <= MAX_M and _HAS_KERNEL.get(gram.device.type, False) and _ext.available():
+    if gram.shape[1] <= MAX_M and _HAS_KERNEL.get(gram.device.type, False) and extension.available():
         return torch.ops.deq_fast.anderson_lstsq(gram.contiguous(), n, newest, float(lam),
                                                  bool(scaled))
     return anderson_lstsq_reference(gram, n, newest, lam, scaled)

@@ -24,7 +24,7 @@ from __future__ import annotations
 from torch import Tensor
 from torch.library import custom_op
 
-from deq_fast import _backend
+from deq_fast.ops import backends
 from deq_fast.ops.anderson import anderson_mix_reference, anderson_residual_reference
 from deq_fast.ops.broyden import broyden_dots_reference, broyden_update_reference
 from deq_fast.ops.fixed_point import fixed_point_advance_reference, residual_norms_reference
@@ -104,7 +104,7 @@ for _op in _OPS.values():
 
 def _register_kernels() -> tuple:
     """Register the Triton launchers; returns the device types they serve (never raises)."""
-    if not _backend.triton_status()[0]:
+    if not backends.triton_status()[0]:
         return ()
     try:
         from deq_fast import kernels
@@ -113,7 +113,7 @@ def _register_kernels() -> tuple:
     # CPU tensors only when the kernels were built by the interpreter (TRITON_INTERPRET=1 before
     # deq_fast.kernels was first imported; a compiled kernel cannot run on CPU tensors)
     interpreted = type(kernels.KERNELS["residual_norms"]).__name__ == "InterpretedFunction"
-    devices = ("cuda", "cpu") if (interpreted and _backend.interpreter_enabled()) else ("cuda",)
+    devices = ("cuda", "cpu") if (interpreted and backends.interpreter_enabled()) else ("cuda",)
     launchers = {name: getattr(kernels, name) for name in _OPS}
     # the in-kernel solve keeps the history in registers (m <= kernels.anderson.MAX_M = 16);
     # longer Anderson histories take the reference (a shape check, no host sync)

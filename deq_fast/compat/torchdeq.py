@@ -16,8 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
-from deq_fast import engine
-from deq_fast.solver import prepare, validate_common
+from deq_fast.solvers import engine
+from deq_fast.solvers.api import prepare, validate_common
 
 __all__ = ["anderson_solver", "broyden_solver", "fixed_point_iter", "simple_fixed_point_iter",
            "get_solver", "register_solver", "SolverStat"]
@@ -182,7 +182,7 @@ def simple_fixed_point_iter(func: Callable, x0: torch.Tensor, max_iter: int = 50
 
 
 def engine_packer(x0):
-    from deq_fast.packing import Packer
+    from deq_fast.solvers.packing import Packer
     return Packer(x0, "x0")
 
 

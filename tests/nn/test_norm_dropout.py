@@ -10,11 +10,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations as P
 
-from deq_fast.deq import add_deq_args, get_deq, reset_deq
-from deq_fast.dropout import (VariationalDropout, VariationalDropout1d, VariationalDropout2d,
+from deq_fast.nn.deq import add_deq_args, get_deq, reset_deq
+from deq_fast.nn.dropout import (VariationalDropout, VariationalDropout1d, VariationalDropout2d,
                               VariationalDropout3d, VariationalDropToken1d,
                               VariationalDropToken2d, VariationalDropToken3d, reset_dropout)
-from deq_fast.norm import _WeightNorm, apply_norm, remove_norm, reset_norm
+from deq_fast.nn.norm import _WeightNorm, apply_norm, remove_norm, reset_norm
 
 LAYERS = {
     "linear": (lambda: nn.Linear(7, 5), (3, 7), 0),

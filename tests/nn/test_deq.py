@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import deq_fast
-from deq_fast.backward import resolve_backend
-from deq_fast import deq as deq_mod
-from deq_fast.deq import BackwardNotConverged, add_deq_args, get_deq, reset_deq
-from deq_fast.utils import jac_reg
+from deq_fast.implicit.backward import resolve_backend
+from deq_fast.nn import deq as deq_mod
+from deq_fast.nn.deq import BackwardNotConverged, add_deq_args, get_deq, reset_deq
+from deq_fast.nn.regularizers import jac_reg
 
 TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
 
@@ -553,8 +553,8 @@ def test_nonfinite_incoming_gradient_propagates_without_warning():
 def test_conv_state_with_weight_norm_and_dropout_exact_gradient():
     """A small MDEQ-like cell: 4-D state, weight-normalised conv, variational dropout, GroupNorm;
     exact gradients of the normalisation parameters against the dense implicit gradient."""
-    from deq_fast.dropout import VariationalDropout2d
-    from deq_fast.norm import apply_norm
+    from deq_fast.nn.dropout import VariationalDropout2d
+    from deq_fast.nn.norm import apply_norm
     torch.manual_seed(59)
     conv = nn.Conv2d(2, 2, 3, padding=1).double()
     gn = nn.GroupNorm(1, 2).double()

@@ -16,17 +16,17 @@ _USAGE = """usage: deq-fast {train,eval} [options]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to :func:`deq_fast.train.main` or :func:`deq_fast.train.eval_main`."""
+    """Dispatch to :func:`deq_fast.train.loop.main` or :func:`deq_fast.train.loop.eval_main`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["-h"], ["--help"]):
         print(_USAGE)
         return 0
     command = argv.pop(0) if argv and not argv[0].startswith("-") else "train"
-    from . import train
+    from deq_fast.train import loop
     if command == "train":
-        return train.main(argv)
+        return loop.main(argv)
     if command == "eval":
-        return train.eval_main(argv)
+        return loop.eval_main(argv)
     print(f"deq-fast: unknown command {command!r}\n{_USAGE}", file=sys.stderr)
     return 2
 

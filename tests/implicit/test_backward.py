@@ -1,4 +1,4 @@
-"""The backward linear solve ``deq_fast.backward.implicit_backward`` (C++ loop and Python oracle)
+"""The backward linear solve ``deq_fast.implicit.backward.implicit_backward`` (C++ loop and Python oracle)
 and its registered ops ``deq_fast::bwd_*``.
 
 Reference: the dense solution ``(I - J^T)^{-1} grad`` from the explicit per-sample Jacobian of
@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from deq_fast import _ext
-from deq_fast import backward as bw
-from deq_fast.backward import implicit_backward, shine_apply
+from deq_fast.ops import extension
+from deq_fast.implicit import backward as bw
+from deq_fast.implicit.backward import implicit_backward, shine_apply
 
 ITERATIVE = ("fixed_point", "anderson", "broyden", "gmres")
 # a missing build is a failure, not a skip (CI builds the extension); only an explicit opt-out skips
@@ -102,8 +102,8 @@ def test_cpp_equals_python(method, dtype, B, D):
 @needs_ext
 def test_cpp_backend_is_what_runs():
     """Fails if the C++ loop silently falls back to the Python reference."""
-    module = _ext.load()
-    assert module is not None, _ext.extension_status()[1]
+    module = extension.load()
+    assert module is not None, extension.extension_status()[1]
     assert hasattr(module, "backward_solve"), (
         "deq_fast._C has no backward_solve: its module init must call "
         "register_backward_bindings (csrc/backward.h)")
@@ -439,7 +439,7 @@ def _op_samples(dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("name", bw._OPS)
 def test_opcheck(name, dtype):
-    assert bw._cpp_module() is not None, _ext.extension_status()[1]
+    assert bw._cpp_module() is not None, extension.extension_status()[1]
     args = _op_samples(dtype)[name]
     torch.library.opcheck(getattr(torch.ops.deq_fast, name).default, args)
 
@@ -454,7 +454,7 @@ _REFERENCE_OPS = {
 @needs_ext
 @pytest.mark.parametrize("name", sorted(_REFERENCE_OPS))
 def test_op_matches_python_reference(name):
-    assert bw._cpp_module() is not None, _ext.extension_status()[1]
+    assert bw._cpp_module() is not None, extension.extension_status()[1]
     args_c = _op_samples(torch.float64)[name]
     args_p = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args_c)
     getattr(torch.ops.deq_fast, name)(*args_c)
@@ -467,7 +467,7 @@ def test_op_matches_python_reference(name):
 def test_every_op_has_cpu_and_cuda_registration_in_source():
     """The CUDA build check (.ci/cuda_build_check.sh) asserts the registered CUDA kernels; this
     cheap check keeps the op list, the schemas and both registrations in step."""
-    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    csrc = Path(__file__).resolve().parents[2] / "csrc"
     cpp, cu = (csrc / "backward.cpp").read_text(), (csrc / "backward_cuda.cu").read_text()
     for name in bw._OPS:
         assert f'm.def("{name}(' in cpp and f'm.impl("{name}", &{name}_cpu)' in cpp

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from deq_fast import _ext
+from deq_fast.ops import extension
 from deq_fast.ops import lstsq
 from deq_fast.ops.lstsq import anderson_lstsq, anderson_lstsq_reference
 
@@ -75,9 +75,9 @@ def test_op_matches_reference(batch, m, n, dtype, scaled):
 @pytest.mark.parametrize("scaled", [True, False], ids=["scaled", "absolute"])
 @pytest.mark.parametrize("batch,m,n", [(3, 5, 5), (17, 8, 6), (1, 8, 1)], ids=str)
 def test_matches_bordered_system(impl, batch, m, n, scaled):
-    if impl == "op" and not _ext.available():
-        pytest.skip("DEQ_FAST_NO_EXT=1") if _ext.disabled_by_env() else pytest.fail(
-            _ext.extension_status()[1])
+    if impl == "op" and not extension.available():
+        pytest.skip("DEQ_FAST_NO_EXT=1") if extension.disabled_by_env() else pytest.fail(
+            extension.extension_status()[1])
     gram = random_gram(batch, m, torch.float64, seed=7 * m + n)
     lam = 1e-3
     fn = torch.ops.deq_fast.anderson_lstsq if impl == "op" else anderson_lstsq_reference
@@ -89,9 +89,9 @@ def test_matches_bordered_system(impl, batch, m, n, scaled):
 @pytest.mark.parametrize("impl", ["op", "reference"])
 @pytest.mark.parametrize("scaled", [True, False], ids=["scaled", "absolute"])
 def test_singular_gram_falls_back_to_newest(impl, scaled):
-    if impl == "op" and not _ext.available():
-        pytest.skip("DEQ_FAST_NO_EXT=1") if _ext.disabled_by_env() else pytest.fail(
-            _ext.extension_status()[1])
+    if impl == "op" and not extension.available():
+        pytest.skip("DEQ_FAST_NO_EXT=1") if extension.disabled_by_env() else pytest.fail(
+            extension.extension_status()[1])
     fn = torch.ops.deq_fast.anderson_lstsq if impl == "op" else anderson_lstsq_reference
     for dtype in (torch.float32, torch.float64):
         out = fn(torch.zeros(4, 6, 6, dtype=dtype), 5, 3, 0.0, scaled)
@@ -104,9 +104,9 @@ def test_singular_gram_falls_back_to_newest(impl, scaled):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
 def test_non_finite_sample_falls_back_alone(impl, bad):
     """A NaN/Inf sample gets the one-hot; the other samples are untouched (per-sample results)."""
-    if impl == "op" and not _ext.available():
-        pytest.skip("DEQ_FAST_NO_EXT=1") if _ext.disabled_by_env() else pytest.fail(
-            _ext.extension_status()[1])
+    if impl == "op" and not extension.available():
+        pytest.skip("DEQ_FAST_NO_EXT=1") if extension.disabled_by_env() else pytest.fail(
+            extension.extension_status()[1])
     fn = torch.ops.deq_fast.anderson_lstsq if impl == "op" else anderson_lstsq_reference
     gram = random_gram(5, 6, torch.float32, seed=3)
     clean = fn(gram, 6, 2, 1e-3, True)
@@ -157,7 +157,7 @@ def test_public_uses_extension_unless_disabled(monkeypatch):
     assert len(calls) == 1
     monkeypatch.delenv("DEQ_FAST_NO_EXT")
     torch.testing.assert_close(anderson_lstsq(gram, 4, 1, 1e-4, True), expected, **TOL[torch.float32])
-    assert len(calls) == (1 if _ext.load() is not None else 2)
+    assert len(calls) == (1 if extension.load() is not None else 2)
 
 
 def test_public_large_history_uses_reference():

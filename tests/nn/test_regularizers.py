@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from deq_fast.utils import fp_correction, jac_reg, mixed_init, power_method
+from deq_fast.nn.regularizers import fp_correction, jac_reg, mixed_init, power_method
 
 torchdeq_loss = pytest.importorskip("torchdeq.loss")
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import deq_fast
-from deq_fast import _ext
+from deq_fast.ops import extension
 from deq_fast.ops.lstsq import OP_NAME, anderson_lstsq, anderson_lstsq_reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 
 # Tests of the built module run unless the run explicitly opted out of the extension; a missing
@@ -36,7 +36,7 @@ def test_extension_is_built_and_loaded():
     ok, msg = deq_fast.extension_status()
     assert ok, msg
     assert "deq_fast._C loaded from" in msg
-    assert _ext.load() is _ext.load()
+    assert extension.load() is extension.load()
     assert OP_NAME in torch._C._dispatch_get_all_op_names()
     assert torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CPU")
 

@@ -14,8 +14,9 @@ from typing import Callable, Optional
 
 import torch
 
-from deq_fast import _backend, engine
-from deq_fast.packing import Packer, State
+from deq_fast.ops import backends
+from deq_fast.solvers import engine
+from deq_fast.solvers.packing import Packer, State
 
 __all__ = ["solve", "SolveResult", "METHODS"]
 
@@ -70,7 +71,7 @@ def prepare(func: Callable, x0: State, backend: Optional[str]):
         raise ValueError(f"func must be callable, got {type(func).__name__}")
     packer = Packer(x0, "x0")
     x0_flat = packer.pack(x0).detach().contiguous()
-    return packer, packer.wrap(func, "f"), x0_flat, _backend.resolve_backend(x0_flat.device, backend)
+    return packer, packer.wrap(func, "f"), x0_flat, backends.resolve_backend(x0_flat.device, backend)
 
 
 def solve(f: Callable[[State], State], x0: State, method: str = "anderson", max_iter: int = 50,

@@ -5,7 +5,7 @@
 ``(z_out, info)``, with TorchDEQ's option names and defaults (``../shared/COMPAT.md`` §C) except:
 
 * **The default gradient is exact implicit differentiation** (``grad_mode='exact'``): the backward
-  solves ``g = grad + J_f(z*)^T g`` with :func:`deq_fast.backward.implicit_backward` and
+  solves ``g = grad + J_f(z*)^T g`` with :func:`deq_fast.implicit.backward.implicit_backward` and
   back-propagates ``g`` through one tracked ``f(z*)``. TorchDEQ's out-of-the-box behaviour
   (``ift=False``: a ``grad``-step phantom gradient with damping ``tau``) is
   ``get_deq(grad_mode='phantom')``; ``grad_mode='jfb'`` is the 1-step Jacobian-free gradient and
@@ -42,14 +42,14 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from deq_fast.backward import METHODS as BACKWARD_METHODS
-from deq_fast.backward import implicit_backward
-from deq_fast.compat_torchdeq import get_solver
-from deq_fast.dropout import reset_dropout
-from deq_fast.norm import reset_norm
-from deq_fast.packing import Packer
-from deq_fast.solver import solve
-from deq_fast.utils import power_method
+from deq_fast.implicit.backward import METHODS as BACKWARD_METHODS
+from deq_fast.implicit.backward import implicit_backward
+from deq_fast.compat.torchdeq import get_solver
+from deq_fast.nn.dropout import reset_dropout
+from deq_fast.nn.norm import reset_norm
+from deq_fast.solvers.packing import Packer
+from deq_fast.solvers.api import solve
+from deq_fast.nn.regularizers import power_method
 
 __all__ = ["DEQ", "get_deq", "reset_deq", "add_deq_args", "BackwardNotConverged", "GRAD_MODES"]
 
@@ -102,7 +102,7 @@ class BackwardNotConverged(UserWarning):
     """Warned when the implicit backward solve stops above its tolerance for some sample.
 
     The gradient returned is the best iterate found (never NaN when a finite one was seen). Turn it
-    into an error with ``warnings.simplefilter("error", deq_fast.deq.BackwardNotConverged)``.
+    into an error with ``warnings.simplefilter("error", deq_fast.nn.deq.BackwardNotConverged)``.
     """
 
 
@@ -547,7 +547,7 @@ def get_deq(args: Any = None, **kwargs: Any) -> DEQ:
       ``'phantom'`` (TorchDEQ's default: ``grad``-step unrolled gradient with damping ``tau``),
       ``'jfb'`` (1 step, no damping), ``'shine'`` (forward Broyden factors, 0 VJPs; needs
       ``f_solver='broyden'``). ``ift``/``hook_ift=True`` are accepted and mean ``'exact'``.
-    * ``b_solver='auto'`` (backward method of :func:`deq_fast.backward.implicit_backward`:
+    * ``b_solver='auto'`` (backward method of :func:`deq_fast.implicit.backward.implicit_backward`:
       ``'auto'``, ``'gmres'``, ``'anderson'``, ``'broyden'``, ``'fixed_point'``; TorchDEQ's
       ``'fixed_point_iter'`` means ``'fixed_point'``), ``b_max_iter=40`` (VJPs), ``b_tol=1e-6``.
       The backward always stops per sample on the relative residual

@@ -6,8 +6,8 @@ iterations (or never, with ``check_every=0``: a fixed iteration count). Historie
 fixed-capacity rings. The per-iteration work is the fused ops of :mod:`deq_fast.ops` (at most
 three launches besides ``f``), taken from :func:`deq_fast.ops.dispatch.get_ops` for the backend.
 
-The three public APIs (:mod:`deq_fast.solver`, :mod:`deq_fast.compat_torchdeq`,
-:mod:`deq_fast.compat_locuslab`) are thin layers that choose the options of :class:`Options`.
+The three public APIs (:mod:`deq_fast.solvers.api`, :mod:`deq_fast.compat.torchdeq`,
+:mod:`deq_fast.compat.locuslab`) are thin layers that choose the options of :class:`Options`.
 """
 from __future__ import annotations
 

@@ -30,8 +30,8 @@ def load() -> ModuleType | None:
         The extension module, or ``None``.
 
     Example:
-        >>> from deq_fast import _ext
-        >>> _ext.load() is None or hasattr(_ext.load(), "__file__")
+        >>> from deq_fast.ops import extension
+        >>> extension.load() is None or hasattr(extension.load(), "__file__")
         True
     """
     if "module" in _state:

@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import deq_fast
-from deq_fast import _ext
+from deq_fast.ops import extension
 from deq_fast.ops.dispatch import REFERENCE as R
 from deq_fast.ops.dispatch import get_ops
 
@@ -30,7 +30,7 @@ DT_IDS = {torch.float64: "fp64", torch.float32: "fp32"}
 
 @pytest.fixture(scope="module")
 def C():
-    assert _ext.load() is not None, _ext.extension_status()[1]   # a missing build fails
+    assert extension.load() is not None, extension.extension_status()[1]   # a missing build fails
     return torch.ops.deq_fast
 
 
@@ -151,7 +151,7 @@ def test_solve_uses_the_fused_ops_and_equals_the_reference(C, dtype):
     assert {"deq_fast::cpu_broyden_dots", "deq_fast::cpu_broyden_update"} <= seen.names
     ref_ops = get_ops("torch", fused_cpu=False)
     assert ref_ops.broyden_update.func is R.broyden_update   # the pure table really is pure
-    import deq_fast.engine as engine
+    import deq_fast.solvers.engine as engine
     orig = engine.get_ops
     try:
         engine.get_ops = lambda backend: get_ops(backend, fused_cpu=False)

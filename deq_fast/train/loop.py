@@ -44,8 +44,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .data import DATASETS, LMData, VisionData, lm_windows, load_data, unigram_loss
-from .models import DEQ_IMPLS, MODEL_CONFIGS, build_model, get_config
+from deq_fast.data import DATASETS, LMData, VisionData, lm_windows, load_data, unigram_loss
+from deq_fast.models import DEQ_IMPLS, MODEL_CONFIGS, build_model, get_config
 
 __all__ = ["main", "eval_main", "run_training", "evaluate_checkpoint", "build_parser",
            "TrainingError"]

@@ -20,8 +20,8 @@ from typing import Callable, Optional
 
 import torch
 
-from deq_fast import engine
-from deq_fast.solver import prepare, validate_common
+from deq_fast.solvers import engine
+from deq_fast.solvers.api import prepare, validate_common
 
 __all__ = ["anderson", "broyden"]
 

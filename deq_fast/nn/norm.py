@@ -235,7 +235,7 @@ def _getstate_detached(self) -> dict:
 
 
 # One subclass per target layer, defined at module level so that normalised layers pickle by
-# reference (``deq_fast.norm.NormedLinear``, ...). apply_norm switches a layer's class to it and
+# reference (``deq_fast.nn.norm.NormedLinear``, ...). apply_norm switches a layer's class to it and
 # remove_norm switches it back; isinstance checks against the torch class keep working.
 _NORMED: dict[type, type] = {}
 for _cls in _TARGETS:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from deq_fast import _ext
+from deq_fast.ops import extension
 
 __all__ = ["implicit_backward", "METHODS", "DEFAULT_METHOD", "shine_apply"]
 
@@ -99,9 +99,9 @@ def _register_fakes() -> None:
 
 def _cpp_module():
     """The extension module when it provides ``backward_solve`` (and its ops), else None."""
-    if not _ext.available():
+    if not extension.available():
         return None
-    module = _ext.load()
+    module = extension.load()
     if module is None or not hasattr(module, "backward_solve"):
         return None
     _register_fakes()
@@ -124,11 +124,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "cpp" and not ok:
         if device.type not in ("cpu", "cuda"):
             why = f"the C++ loop runs on CPU or CUDA tensors, got device {device}"
-        elif _ext.available():
+        elif extension.available():
             why = ("deq_fast._C has no backward_solve: its module init must call "
                    "register_backward_bindings (csrc/backward.h); rebuild the extension")
         else:
-            why = _ext.extension_status()[1]
+            why = extension.extension_status()[1]
         raise RuntimeError(f"backend='cpp' was forced but it cannot run: {why}")
     return "cpp" if ok else "python"
 

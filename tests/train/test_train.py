@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from deq_fast import train
+from deq_fast.train import loop as train
 
 pytest.importorskip("sklearn")
 
@@ -385,7 +385,7 @@ def test_progress_option_and_language_model_perplexity(tmp_path, monkeypatch):
 def test_torchrun_two_processes_stay_in_sync_and_resume(tmp_path):
     out = str(tmp_path / "ddp")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(train.__file__)))]
+        [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(train.__file__))))]
         + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "deq_fast.train"]
@@ -415,7 +415,7 @@ def test_torchrun_two_processes_stay_in_sync_and_resume(tmp_path):
 
 
 def test_console_script_dispatch(capsys, digits_run):
-    from deq_fast import cli
+    from deq_fast.train import cli
     assert cli.main(["--help"]) == 0 and "train" in capsys.readouterr().out
     assert cli.main(["bogus"]) == 2 and "unknown command 'bogus'" in capsys.readouterr().err
     assert cli.main(["eval", "--ckpt", digits_run]) == 0

@@ -1,0 +1,7 @@
+"""Layer 4: implicit differentiation, the backward linear solve ``g = grad + J_f(z*)^T g``.
+
+:mod:`~deq_fast.implicit.backward` holds :func:`implicit_backward` (the C++ loop of ``deq_fast._C``
+when built, the Python reference loop otherwise) and :func:`shine_apply`.
+
+Imports only :mod:`deq_fast.ops` below it.
+"""
