@@ -4,9 +4,10 @@
 Same calls, the same result dict (``result``, ``lowest``, ``nstep``, ``prot_break``, ``abs_trace``,
 ``rel_trace``, ``eps``, ``threshold``) and the same numbers: one Frobenius norm over the whole batch,
 the original stopping rules (including Broyden's "no progress in 30 steps" and protective breaks),
-the original trace lengths, ``result`` the lowest-residual iterate. Computed by the fused engine:
-the host looks at the stop flag every ``check_every`` iterations instead of calling ``.item()`` twice
-per iteration; traces become Python lists once, at the end.
+the original trace lengths, ``result`` the lowest-residual iterate, no more evaluations of ``f``
+than the original. Computed by the fused engine: the host reads the stop flag without a host sync
+(:mod:`deq_fast.solvers.polling`) instead of calling ``.item()`` twice per iteration; traces become
+Python lists once, at the end.
 
 Fixed while keeping the contract: any state shape (the original needs ``(B, d, L)``, deq #17); no
 ``torch.solve`` (removed from PyTorch) and no batched LU that raises on singular systems (deq #20);
@@ -21,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from deq_fast.solvers import engine
-from deq_fast.solvers.api import prepare, validate_common
+from deq_fast.solvers.boundary import prepare, validate_common
 
 __all__ = ["anderson", "broyden"]
 
@@ -80,12 +81,11 @@ def anderson(f: Callable, x0, m: int = 6, lam: float = 1e-4, threshold: int = 50
     track_from = min(2, n_evals - 1)    # threshold <= 2: track what was evaluated (original: crash)
     stop_idx = 0 if stop_mode == "abs" else 1
     opt = engine.Options(method="anderson", max_iter=n_evals, tol=eps, stop_mode=stop_mode,
-                         check_every=kwargs.get("check_every", 4), backend=backend, m=m, lam=lam,
+                         check_every=kwargs.get("check_every", 1), backend=backend, m=m, lam=lam,
                          scaled_ridge=False, tau=beta, keep_f=False, whole_batch=True,
                          stop_together=True, rel_eps=1e-5, track_from=track_from, step_offset=0,
                          trace_rows=max(n_evals - track_from, 1))
-    with torch.no_grad():
-        st = engine.run(flat_f, x0_flat, opt)
+    st = engine.run(flat_f, x0_flat, opt)
     return _result(packer, st, stop_idx, eps, threshold, max(threshold - 2, 0))
 
 
@@ -130,10 +130,9 @@ def broyden(f: Callable, x0, threshold: int, eps: float = 1e-3, stop_mode: str =
     protect = (1e6 if stop_mode == "abs" else 1e3) * last_dim
     prot = torch.zeros(1, dtype=torch.bool, device=x0_flat.device)
     opt = engine.Options(method="broyden", max_iter=threshold, tol=eps, stop_mode=stop_mode,
-                         check_every=kwargs.get("check_every", 4), backend=backend,
+                         check_every=kwargs.get("check_every", 1), backend=backend,
                          memory=kwargs.get("memory"), whole_batch=True, stop_together=True,
                          rel_eps=1e-9, track_from=1, step_offset=0, trace_rows=threshold + 1,
                          extra_stop=_locuslab_broyden_stop(eps, stop_idx, protect, prot))
-    with torch.no_grad():
-        st = engine.run(flat_f, x0_flat, opt)
+    st = engine.run(flat_f, x0_flat, opt)
     return _result(packer, st, stop_idx, eps, threshold, threshold + 1, prot)

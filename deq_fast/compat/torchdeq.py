@@ -7,7 +7,14 @@ sync per iteration, fixed rings, no per-iteration allocations of the history. Fi
 unknown keyword arguments are warned about once (TorchDEQ ignores misspelt options silently), half
 precision states work, a NaN sample keeps its best finite estimate, ``max_iter <= 2`` is defined.
 
-Extra keyword arguments of ours: ``check_every`` (host checks, default 4) and ``backend``.
+Extra keyword arguments of ours: ``check_every`` (look at the stop flags after every ``k``
+evaluations, default 1, without a host sync; 0 never) and ``backend``.
+
+The solve builds no autograd graph: ``func`` may close over parameters and ``x0`` may require
+grad, inside or outside ``torch.no_grad()``; ``z`` comes back detached (TorchDEQ's own DEQ module
+calls its solvers under ``no_grad``; gradients through the equilibrium come from
+:func:`deq_fast.get_deq`). :func:`simple_fixed_point_iter` is plain iteration of ``func`` and,
+like TorchDEQ's, returns a result attached to the graph when grad is enabled.
 """
 from __future__ import annotations
 
@@ -17,7 +24,8 @@ from typing import Callable, Optional
 import torch
 
 from deq_fast.solvers import engine
-from deq_fast.solvers.api import prepare, validate_common
+from deq_fast.solvers.boundary import prepare, validate_common
+from deq_fast.solvers.packing import Packer
 
 __all__ = ["anderson_solver", "broyden_solver", "fixed_point_iter", "simple_fixed_point_iter",
            "get_solver", "register_solver", "SolverStat"]
@@ -46,12 +54,14 @@ def _solve(method: str, func, x0, max_iter, tol, stop_mode, indexing, return_fin
     validate_common(max_iter=max_iter, tol=tol, stop_mode=stop_mode)
     packer, f, x0_flat, backend = prepare(func, x0, kwargs.get("backend"))
     opt = engine.Options(method=method, max_iter=max_iter, tol=tol, stop_mode=stop_mode,
-                         check_every=kwargs.get("check_every", 4), backend=backend,
+                         check_every=kwargs.get("check_every", 1), backend=backend,
                          stop_together=True, always_update=bool(return_final), rel_eps=1e-9,
                          trace_init_row=True, indexing=tuple(indexing or ()), **opts)
     st = engine.run(f, x0_flat, opt)
-    z = packer.unpack(st.best)
-    index_list = [packer.unpack(t) for t in st.index_list]
+    scalar = isinstance(x0, torch.Tensor) and x0.dim() == 0
+    unpack = (lambda t: t.reshape(1)) if scalar else packer.unpack   # TorchDEQ: 0-d -> (1,)
+    z = unpack(st.best)
+    index_list = [unpack(t) for t in st.index_list]
     if st.index_live:   # drop copies taken after the batch had stopped (TorchDEQ breaks there)
         live = torch.stack(st.index_live).tolist()
         index_list = [t for t, ok in zip(index_list, live) if ok]
@@ -171,7 +181,7 @@ def simple_fixed_point_iter(func: Callable, x0: torch.Tensor, max_iter: int = 50
         out = step(x)
         if indexing and (k + 1) in indexing:
             index_list.append(out)
-    packer = engine_packer(x0)
+    packer = Packer(x0, "x0")
     zf, ff = packer.pack(x), packer.pack(out)
     absn = torch.linalg.vector_norm(ff - zf, dim=1)
     reln = absn / (torch.linalg.vector_norm(ff, dim=1) + 1e-8)
@@ -179,11 +189,6 @@ def simple_fixed_point_iter(func: Callable, x0: torch.Tensor, max_iter: int = 50
                       rel_trace=reln[:, None], nstep=torch.full_like(absn, float(max_iter)),
                       sradius=torch.tensor([-1.0]), nfe=max_iter, backend="torch")
     return out, index_list, info
-
-
-def engine_packer(x0):
-    from deq_fast.solvers.packing import Packer
-    return Packer(x0, "x0")
 
 
 _SOLVERS = {

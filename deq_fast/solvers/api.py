@@ -14,14 +14,12 @@ from typing import Callable, Optional
 
 import torch
 
-from deq_fast.ops import backends
 from deq_fast.solvers import engine
-from deq_fast.solvers.packing import Packer, State
+from deq_fast.solvers.boundary import check_int, prepare, validate_common
+from deq_fast.solvers.packing import State
+from deq_fast.solvers.registry import METHODS
 
 __all__ = ["solve", "SolveResult", "METHODS"]
-
-METHODS = ("anderson", "broyden", "fixed_point")
-
 
 @dataclasses.dataclass
 class SolveResult:
@@ -55,28 +53,9 @@ class SolveResult:
     backend: str
 
 
-def validate_common(*, max_iter, tol, stop_mode) -> None:
-    """Boundary checks shared by every API (ValueError naming the argument)."""
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
-    if not isinstance(tol, (int, float)) or math.isnan(tol) or tol < 0:
-        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
-    if stop_mode not in ("abs", "rel"):
-        raise ValueError(f"stop_mode must be 'abs' or 'rel', got {stop_mode!r}")
-
-
-def prepare(func: Callable, x0: State, backend: Optional[str]):
-    """Pack ``x0``, wrap ``func`` to ``(B, D) -> (B, D)`` and resolve the backend."""
-    if not callable(func):
-        raise ValueError(f"func must be callable, got {type(func).__name__}")
-    packer = Packer(x0, "x0")
-    x0_flat = packer.pack(x0).detach().contiguous()
-    return packer, packer.wrap(func, "f"), x0_flat, backends.resolve_backend(x0_flat.device, backend)
-
-
 def solve(f: Callable[[State], State], x0: State, method: str = "anderson", max_iter: int = 50,
           tol: float = 1e-4, stop_mode: str = "rel", *, m: int = 6, lam: float = 1e-4,
-          tau: float = 1.0, memory: Optional[int] = None, check_every: int = 4,
+          tau: float = 1.0, memory: Optional[int] = None, check_every: int = 1,
           stop_together: bool = False, backend: Optional[str] = None) -> SolveResult:
     """Find ``z = f(z)`` per sample.
 
@@ -90,13 +69,15 @@ def solve(f: Callable[[State], State], x0: State, method: str = "anderson", max_
         m, lam: Anderson history size and ridge (relative to the mean diagonal of the Gram matrix).
         tau: damping: Anderson's ``beta``, the fixed-point step ``tau·f + (1 - tau)·z``.
         memory: Broyden's number of stored rank-1 updates ``L`` (default ``max_iter``).
-        check_every: the host looks at the stop flags every ``k`` iterations (a sync each time);
-            ``0`` never looks: exactly ``max_iter`` iterations, no host sync in the loop.
+        check_every: the host looks at the stop flags after every ``k`` evaluations, without a host
+            sync (CPU: a direct read; CUDA: a non-blocking copy read one evaluation later, see
+            :mod:`deq_fast.solvers.polling`); ``0`` never looks: exactly ``max_iter`` iterations.
         stop_together: stop samples only when all are under ``tol`` (TorchDEQ's rule).
         backend: ``'auto'``, ``'torch'`` or ``'triton'`` (default: ``$DEQ_FAST_BACKEND`` or auto).
 
     Returns:
-        :class:`SolveResult`.
+        :class:`SolveResult`. The solve builds no autograd graph and ``z`` is detached, whatever
+        the grad mode; for gradients through the equilibrium use :func:`deq_fast.get_deq`.
 
     Example:
         >>> W = 0.5 * torch.eye(8)
@@ -104,26 +85,13 @@ def solve(f: Callable[[State], State], x0: State, method: str = "anderson", max_
         >>> bool(res.converged.all()), res.z.shape
         (True, torch.Size([3, 8]))
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    validate_common(max_iter=max_iter, tol=tol, stop_mode=stop_mode)
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"m must be an int >= 1, got {m!r}")
-    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-    if not (isinstance(tau, (int, float)) and 0 < tau <= 1):
-        raise ValueError(f"tau must be in (0, 1], got {tau!r}")
-    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory < 1):
-        raise ValueError(f"memory must be None or an int >= 1, got {memory!r}")
-    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
-        raise ValueError(f"check_every must be an int >= 0, got {check_every!r}")
+    _validate_native(method, max_iter, tol, stop_mode, m, lam, tau, memory, check_every)
     packer, flat_f, x0_flat, resolved = prepare(f, x0, backend)
     opt = engine.Options(method=method, max_iter=max_iter, tol=tol, stop_mode=stop_mode,
                          check_every=check_every, backend=resolved, m=m, lam=lam,
                          scaled_ridge=True, tau=tau, memory=memory, stop_together=stop_together,
                          step_offset=1 if method != "broyden" else 0)
-    with torch.no_grad():
-        st = engine.run(flat_f, x0_flat, opt)
+    st = engine.run(flat_f, x0_flat, opt)
     stop_idx = 0 if stop_mode == "abs" else 1
     trace = st.trace[: max(st.trace.shape[0], 1)]
     return SolveResult(
@@ -132,3 +100,17 @@ def solve(f: Callable[[State], State], x0: State, method: str = "anderson", max_
         nonfinite=~torch.isfinite(trace).all(2).all(0),
         abs_trace=trace[..., 0].t(), rel_trace=trace[..., 1].t(), nfe=st.nfe,
         factors=st.factors, method=method, backend=resolved)
+
+
+def _validate_native(method, max_iter, tol, stop_mode, m, lam, tau, memory, check_every) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    validate_common(max_iter=max_iter, tol=tol, stop_mode=stop_mode)
+    check_int(m, "m", 1)
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    if not (isinstance(tau, (int, float)) and 0 < tau <= 1):
+        raise ValueError(f"tau must be in (0, 1], got {tau!r}")
+    if memory is not None:
+        check_int(memory, "memory", 1)
+    check_int(check_every, "check_every", 0)

@@ -1,13 +1,16 @@
 """The solver engine: one loop per method on the flattened ``(B, D)`` state.
 
 Everything per sample and on the device: norms, lowest-residual tracking, convergence flags,
-freezing of stopped samples. The host looks at the ``active`` flags only every ``check_every``
-iterations (or never, with ``check_every=0``: a fixed iteration count). Histories are
-fixed-capacity rings. The per-iteration work is the fused ops of :mod:`deq_fast.ops` (at most
+freezing of stopped samples. The host looks at the ``active`` flags after every ``check_every``
+evaluations without a host sync (:mod:`deq_fast.solvers.polling`), or never with ``check_every=0``
+(a fixed iteration count). Histories are fixed-capacity rings. The per-iteration work is the fused ops of :mod:`deq_fast.ops` (at most
 three launches besides ``f``), taken from :func:`deq_fast.ops.dispatch.get_ops` for the backend.
 
 The three public APIs (:mod:`deq_fast.solvers.api`, :mod:`deq_fast.compat.torchdeq`,
 :mod:`deq_fast.compat.locuslab`) are thin layers that choose the options of :class:`Options`.
+Each method is one loop function (:func:`_anderson_loop`, :func:`_broyden_loop`,
+:func:`_fixed_point_loop`); what they share (residual bookkeeping, indexed copies, stop polling)
+is the :class:`_Tracker`.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from deq_fast.ops.dispatch import get_ops
+from deq_fast.solvers.polling import make_poll
 
 __all__ = ["Options", "EngineState", "run"]
 
@@ -31,7 +35,7 @@ class Options:
     max_iter: int                    # Anderson/fixed point: f evaluations; Broyden: steps after x0
     tol: float = 1e-3
     stop_mode: str = "rel"           # 'abs' | 'rel'
-    check_every: int = 4             # host looks at the stop flags every k iterations; 0 = never
+    check_every: int = 1             # host looks at the stop flags every k evaluations; 0 = never
     backend: str = "torch"           # resolved backend ('torch' | 'triton')
     m: int = 6                       # Anderson history
     lam: float = 1e-4                # Anderson ridge
@@ -76,13 +80,9 @@ def _n_evals(opt: Options) -> int:
     return opt.max_iter + 1 if opt.method == "broyden" else opt.max_iter
 
 
-def run(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, opt: Options) -> EngineState:
-    """Run ``opt.method`` on ``f: (B, D) -> (B, D)`` from ``x0`` (``(B, D)``, contiguous)."""
-    B, D = x0.shape
-    dev, acc = x0.device, acc_dtype(x0.dtype)
-    ops = get_ops(opt.backend)
-    n_evals = _n_evals(opt)
-    tracked = max(n_evals - opt.track_from, 0)
+def _new_state(x0: torch.Tensor, opt: Options) -> EngineState:
+    B, dev, acc = x0.shape[0], x0.device, acc_dtype(x0.dtype)
+    tracked = max(_n_evals(opt) - opt.track_from, 0)
     rows = opt.trace_rows if opt.trace_rows is not None else tracked + int(opt.trace_init_row)
     st = EngineState(
         best=x0.clone(),
@@ -92,93 +92,133 @@ def run(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, opt: Option
         active=torch.ones(B, dtype=torch.bool, device=dev),
     )
     st.rows = int(opt.trace_init_row)
-    improved = torch.zeros(B, dtype=torch.bool, device=dev)
-    stop_idx = 0 if opt.stop_mode == "abs" else 1
-    tol = -math.inf if opt.always_update else opt.tol
-    indexing = set(opt.indexing)
+    return st
 
-    def status(sq: torch.Tensor, e: int) -> None:
+
+class _Tracker:
+    """What every loop does after an evaluation: residual bookkeeping on the device
+    (``track_status``), the compat layers' extra stop rules, indexed copies of the estimate, and
+    the host's look at the stop flags."""
+
+    def __init__(self, st: EngineState, opt: Options, ops) -> None:
+        self.st, self.opt, self.ops = st, opt, ops
+        self.improved = torch.zeros_like(st.active)
+        self.stop_idx = 0 if opt.stop_mode == "abs" else 1
+        self.tol = -math.inf if opt.always_update else opt.tol
+        self.indexing = set(opt.indexing)
+        self.poll = make_poll(st.active, opt.check_every)
+
+    def status(self, sq: torch.Tensor, e: int) -> None:
+        """Record the squared norms ``sq`` ``[B, 2]`` of evaluation ``e`` (0-based)."""
+        st, opt = self.st, self.opt
         if e < opt.track_from:
-            improved.zero_()
+            self.improved.zero_()
             return
-        if indexing:
+        if self.indexing:
             st.index_live.append(st.active.any())
         step = e + opt.step_offset
-        ops.track_status(sq, st.lowest, st.best_step, st.trace, st.active, improved, st.rows,
-                         float(step), tol, stop_idx, opt.whole_batch, opt.stop_together,
-                         opt.always_update, opt.rel_eps)
+        self.ops.track_status(sq, st.lowest, st.best_step, st.trace, st.active, self.improved,
+                              st.rows, float(step), self.tol, self.stop_idx, opt.whole_batch,
+                              opt.stop_together, opt.always_update, opt.rel_eps)
         if opt.extra_stop is not None:
             opt.extra_stop(st, st.rows, step)
         st.rows += 1
 
-    def checkpoint(e: int) -> bool:
-        """After evaluation ``e``: keep indexed copies; True when the host check says stop."""
-        if e + 1 in indexing:
-            st.index_list.append(st.best.clone())
-        if e >= opt.track_from and opt.check_every > 0 and (e - opt.track_from + 1) % opt.check_every == 0:
-            return not bool(st.active.any())
-        return False
+    def done(self, e: int) -> bool:
+        """After evaluation ``e``: keep an indexed copy; True when the loop may stop."""
+        if e + 1 in self.indexing:
+            self.st.index_list.append(self.st.best.clone())
+        return e >= self.opt.track_from and self.poll.should_stop(e - self.opt.track_from + 1)
 
-    x = x0.clone()
-    if opt.method == "anderson":
-        m = opt.m
-        F = torch.zeros(B, m, D, dtype=x0.dtype, device=dev)
-        G = torch.zeros(B, m, D, dtype=x0.dtype, device=dev)
-        gram = torch.zeros(B, m, m, dtype=acc, device=dev)
-        sq = torch.empty(B, 2, dtype=acc, device=dev)
-        for e in range(n_evals):
-            fx = f(x)
-            st.nfe += 1
-            slot = e % m
-            ops.anderson_residual(x, fx, F, G, gram, sq, slot)
-            status(sq, e)
-            last = e == n_evals - 1
-            # the first step is a plain f step (as in both references); the last only keeps the best
-            ops.anderson_mix(F, G, gram, x, st.best, improved, 0 if last else min(e + 1, m), slot,
-                             opt.lam, opt.scaled_ridge, 1.0 if e == 0 else opt.tau, opt.keep_f)
-            if checkpoint(e):
-                break
-    elif opt.method == "broyden":
-        L = opt.memory or max(opt.max_iter, 1)
-        U = torch.zeros(B, L, D, dtype=x0.dtype, device=dev)
-        V = torch.zeros(B, L, D, dtype=x0.dtype, device=dev)
-        g = torch.empty_like(x)
-        dx = torch.zeros_like(x)
-        ab = torch.zeros(B, 2, L, dtype=acc, device=dev)
-        scal = torch.empty(B, 4, dtype=acc, device=dev)
-        sq = scal[:, 2:]
-        for e in range(n_evals):
-            fx = f(x)
-            st.nfe += 1
-            n_valid = min(st.n_updates, L)
-            ops.broyden_dots(x, fx, g, dx, U, V, ab, scal, n_valid)
-            status(sq, e)
-            if e == 0 or e == n_evals - 1:
-                # first step: H = -I, a plain fixed-point step; last: only keep the best
-                torch.where(improved[:, None], x, st.best, out=st.best)
-                if e == 0:
-                    dx.copy_(g).masked_fill_(~st.active[:, None], 0.0)
-                    x += dx
-            else:
-                ops.broyden_update(x, g, dx, U, V, ab, scal, st.best, improved, st.active,
-                                   st.n_updates % L, n_valid)
-                st.n_updates += 1
-            if checkpoint(e):
-                break
-        n = min(st.n_updates, L)
-        st.factors = (U[:, :n], V[:, :n])
-    elif opt.method == "fixed_point":
-        sq = torch.empty(B, 2, dtype=acc, device=dev)
-        for e in range(n_evals):
-            fx = f(x)
-            st.nfe += 1
-            ops.residual_norms(x, fx, sq, opt.tau)          # of the damped map, formed in-pass
-            status(sq, e)
-            ops.fixed_point_advance(x, fx, st.best, improved, st.active, opt.tau)
-            if checkpoint(e):
-                break
-    else:
-        raise ValueError(f"method must be 'anderson', 'broyden' or 'fixed_point', got {opt.method!r}")
+    def evaluate(self, f: Callable, x: torch.Tensor) -> torch.Tensor:
+        self.st.nfe += 1
+        return f(x)
+
+
+def _anderson_loop(f: Callable, x: torch.Tensor, tr: _Tracker, n_evals: int) -> None:
+    """Anderson mixing on ring histories ``F``, ``G`` ``[B, m, D]`` with an incremental Gram matrix.
+
+    The first step is a plain ``f`` step (as in both references); the last only keeps the best.
+    """
+    opt, ops, st = tr.opt, tr.ops, tr.st
+    B, D, m = x.shape[0], x.shape[1], opt.m
+    F = torch.zeros(B, m, D, dtype=x.dtype, device=x.device)
+    G = torch.zeros_like(F)
+    gram = torch.zeros(B, m, m, dtype=acc_dtype(x.dtype), device=x.device)
+    sq = torch.empty(B, 2, dtype=gram.dtype, device=x.device)
+    for e in range(n_evals):
+        fx = tr.evaluate(f, x)
+        slot = e % m
+        ops.anderson_residual(x, fx, F, G, gram, sq, slot)
+        tr.status(sq, e)
+        n = 0 if e == n_evals - 1 else min(e + 1, m)
+        ops.anderson_mix(F, G, gram, x, st.best, tr.improved, n, slot, opt.lam, opt.scaled_ridge,
+                         1.0 if e == 0 else opt.tau, opt.keep_f)
+        if tr.done(e):
+            break
+
+
+def _broyden_loop(f: Callable, x: torch.Tensor, tr: _Tracker, n_evals: int) -> None:
+    """Broyden's method with ``H = -I + U^T V`` on rings ``U``, ``V`` ``[B, L, D]``.
+
+    The first step is a plain fixed-point step (``H = -I``); the last only keeps the best.
+    """
+    opt, ops, st = tr.opt, tr.ops, tr.st
+    B, D = x.shape
+    L = opt.memory or max(opt.max_iter, 1)
+    U = torch.zeros(B, L, D, dtype=x.dtype, device=x.device)
+    V = torch.zeros_like(U)
+    g, dx = torch.empty_like(x), torch.zeros_like(x)
+    ab = torch.zeros(B, 2, L, dtype=acc_dtype(x.dtype), device=x.device)
+    scal = torch.empty(B, 4, dtype=ab.dtype, device=x.device)
+    sq = scal[:, 2:]
+    for e in range(n_evals):
+        fx = tr.evaluate(f, x)
+        n_valid = min(st.n_updates, L)
+        ops.broyden_dots(x, fx, g, dx, U, V, ab, scal, n_valid)
+        tr.status(sq, e)
+        if e == 0 or e == n_evals - 1:
+            torch.where(tr.improved[:, None], x, st.best, out=st.best)
+            if e == 0:
+                dx.copy_(g).masked_fill_(~st.active[:, None], 0.0)
+                x += dx
+        else:
+            ops.broyden_update(x, g, dx, U, V, ab, scal, st.best, tr.improved, st.active,
+                               st.n_updates % L, n_valid)
+            st.n_updates += 1
+        if tr.done(e):
+            break
+    n = min(st.n_updates, L)
+    st.factors = (U[:, :n], V[:, :n])
+
+
+def _fixed_point_loop(f: Callable, x: torch.Tensor, tr: _Tracker, n_evals: int) -> None:
+    """Damped fixed-point iteration ``x <- tau·f(x) + (1 - tau)·x``."""
+    tau = tr.opt.tau
+    sq = torch.empty(x.shape[0], 2, dtype=acc_dtype(x.dtype), device=x.device)
+    for e in range(n_evals):
+        fx = tr.evaluate(f, x)
+        tr.ops.residual_norms(x, fx, sq, tau)          # of the damped map, formed in-pass
+        tr.status(sq, e)
+        tr.ops.fixed_point_advance(x, fx, tr.st.best, tr.improved, tr.st.active, tau)
+        if tr.done(e):
+            break
+
+
+LOOPS = {"anderson": _anderson_loop, "broyden": _broyden_loop, "fixed_point": _fixed_point_loop}
+
+
+def run(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, opt: Options) -> EngineState:
+    """Run ``opt.method`` on ``f: (B, D) -> (B, D)`` from ``x0`` (``(B, D)``, contiguous).
+
+    Runs without building an autograd graph, whatever the caller's grad mode.
+    """
+    loop = LOOPS.get(opt.method)
+    if loop is None:
+        raise ValueError(f"method must be one of {tuple(LOOPS)}, got {opt.method!r}")
+    st = _new_state(x0, opt)
+    with torch.no_grad():
+        loop(f, x0.clone(), _Tracker(st, opt, get_ops(opt.backend)), _n_evals(opt))
     # rows never reached (early stop) repeat the lowest values, as both references pad them
     if st.rows < st.trace.shape[0]:
         st.trace[st.rows:] = st.lowest

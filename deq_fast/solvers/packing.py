@@ -1,8 +1,12 @@
 """Flatten solver states to one contiguous ``(B, D)`` tensor at the API boundary, and back.
 
 A state is a tensor of any shape (the first dimension is the batch; a 1-D tensor is a batch of
-scalars, as in TorchDEQ) or a tuple/list of tensors with a common batch size (MDEQ's
-multi-resolution states), packed side by side along ``D``.
+scalars and a 0-d tensor a batch of one scalar, as in TorchDEQ) or a tuple/list of tensors with a
+common batch size (MDEQ's multi-resolution states), packed side by side along ``D``.
+
+What ``f`` returns is brought to the state's layout and dtype as the originals do: any strides
+(a transposed or ``einsum`` output is made contiguous), another floating dtype (autocast) cast
+back to the state's.
 """
 from __future__ import annotations
 
@@ -34,9 +38,10 @@ class Packer:
         first = parts[0]
         if not first.dtype.is_floating_point:
             raise ValueError(f"{name} must have a floating-point dtype, got {first.dtype}")
-        if first.dim() == 0:
-            raise ValueError(f"{name} must have at least one dimension (the batch), got a 0-d tensor")
-        self.batch = first.shape[0] if first.dim() >= 2 or len(parts) > 1 else first.numel()
+        if first.dim() == 0 and len(parts) > 1:
+            raise ValueError(f"{name}[0] is a 0-d tensor; every part of a tuple state needs a batch "
+                             "dimension")
+        self.batch = first.shape[0] if first.dim() >= 2 or len(parts) > 1 else max(first.numel(), 1)
         self.shapes = [tuple(p.shape) for p in parts]
         self.dtype, self.device = first.dtype, first.device
         for i, p in enumerate(parts):
@@ -61,7 +66,8 @@ class Packer:
         if len(parts) == 1:
             p = parts[0]
             # already (B, D): no reshape, so no op dispatched per solver iteration
-            return p if p.dim() == 2 and p.shape[1] == self.dim else p.reshape(self.batch, self.dim)
+            flat = p if p.dim() == 2 and p.shape[1] == self.dim else p.reshape(self.batch, self.dim)
+            return flat.contiguous()   # a no-op (no dispatched op) when already contiguous
         return torch.cat([p.reshape(self.batch, -1) for p in parts], dim=1)
 
     def unpack(self, flat: torch.Tensor) -> State:
@@ -78,7 +84,9 @@ class Packer:
         def flat_f(x: torch.Tensor) -> torch.Tensor:
             out = self.pack(f(self.unpack(x)), what=name)
             if out.dtype != self.dtype or out.device != self.device:
-                raise ValueError(f"{name} returned dtype {out.dtype} on {out.device}, expected "
-                                 f"{self.dtype} on {self.device} (those of {self.name})")
+                if out.device != self.device or not out.dtype.is_floating_point:
+                    raise ValueError(f"{name} returned dtype {out.dtype} on {out.device}, expected "
+                                     f"a floating dtype on {self.device} (that of {self.name})")
+                out = out.to(self.dtype)   # e.g. autocast: the originals cast back to the state
             return out
         return flat_f
