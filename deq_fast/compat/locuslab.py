@@ -113,7 +113,8 @@ def broyden(f: Callable, x0, threshold: int, eps: float = 1e-3, stop_mode: str =
         eps, stop_mode: stop when the whole-batch residual is under ``eps``; also after 30 steps
             without progress when under ``3·eps``; protective break (``prot_break=True``) when the
             residual exceeds the first one times ``(1e6 if abs else 1e3)·x0.shape[-1]``.
-        ls: the Armijo line search is not supported (raises NotImplementedError).
+        ls: Armijo line search along each step (:mod:`deq_fast.solvers.linesearch`: the
+            original's formulas; host-driven, one sync per trial, as in the original).
         name: accepted and unused, as in the original.
         **kwargs: ours: ``check_every``, ``backend``, ``memory`` (bound on stored updates).
 
@@ -121,8 +122,6 @@ def broyden(f: Callable, x0, threshold: int, eps: float = 1e-3, stop_mode: str =
         The result dict (see :func:`anderson`); ``nstep`` is the Broyden step of the lowest.
     """
     _check_extra(kwargs, {"check_every", "backend", "memory"}, "broyden")
-    if ls:
-        raise NotImplementedError("broyden(ls=True): the line search is not supported; use ls=False")
     validate_common(max_iter=threshold, tol=eps, stop_mode=stop_mode)
     packer, flat_f, x0_flat, backend = prepare(f, x0, kwargs.get("backend"))
     stop_idx = 0 if stop_mode == "abs" else 1
@@ -133,6 +132,7 @@ def broyden(f: Callable, x0, threshold: int, eps: float = 1e-3, stop_mode: str =
                          check_every=kwargs.get("check_every", 1), backend=backend,
                          memory=kwargs.get("memory"), whole_batch=True, stop_together=True,
                          rel_eps=1e-9, track_from=1, step_offset=0, trace_rows=threshold + 1,
-                         extra_stop=_locuslab_broyden_stop(eps, stop_idx, protect, prot))
+                         extra_stop=_locuslab_broyden_stop(eps, stop_idx, protect, prot),
+                         line_search=bool(ls))
     st = engine.run(flat_f, x0_flat, opt)
     return _result(packer, st, stop_idx, eps, threshold, threshold + 1, prot)

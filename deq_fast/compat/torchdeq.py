@@ -127,22 +127,21 @@ def broyden_solver(func: Callable, x0: torch.Tensor, max_iter: int = 50, tol: fl
     """Broyden's method, TorchDEQ contract (``H = -I + U V^T`` with a ring of ``LBFGS_thres``
     updates; traces hold ``max_iter + 1`` entries; ``z`` is the lowest-residual iterate).
 
-    ``ls=True`` (Armijo line search) is not supported by the fused engine and raises
-    ``NotImplementedError`` rather than being ignored.
+    ``ls=True``: Armijo line search along each step with TorchDEQ's whole-batch norm
+    (:mod:`deq_fast.solvers.linesearch`; host-driven, as in TorchDEQ).
 
     Example:
         >>> z, _, info = broyden_solver(lambda z: 0.5 * torch.cos(z), torch.zeros(4, 10), max_iter=20)
         >>> info['abs_trace'].shape
         torch.Size([4, 21])
     """
-    if ls:
-        raise NotImplementedError("broyden_solver(ls=True): the line search is not supported; use ls=False")
     if LBFGS_thres is not None and (not isinstance(LBFGS_thres, int) or LBFGS_thres < 1):
         raise ValueError(f"LBFGS_thres must be None or an int >= 1, got {LBFGS_thres!r}")
     stop_idx = 0 if stop_mode == "abs" else 1
     return _solve("broyden", func, x0, max_iter, tol, stop_mode, indexing, return_final, kwargs,
                   memory=LBFGS_thres, track_from=1, step_offset=0,
-                  trace_rows=max_iter + 1, extra_stop=_progress_stop(tol, stop_idx))
+                  trace_rows=max_iter + 1, extra_stop=_progress_stop(tol, stop_idx),
+                  line_search=bool(ls))
 
 
 def fixed_point_iter(func: Callable, x0: torch.Tensor, max_iter: int = 50, tol: float = 1e-3,

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from deq_fast.ops.dispatch import get_ops
+from deq_fast.solvers.linesearch import search_step
 from deq_fast.solvers.polling import make_poll
 
 __all__ = ["Options", "EngineState", "run"]
@@ -53,6 +54,7 @@ class Options:
     indexing: tuple = ()             # evaluation counts at which to keep a copy of the estimate
     step_offset: int = 1             # reported step of evaluation e is e + step_offset
     extra_stop: Optional[Callable] = None  # compat stop rules: fn(state, t, step) -> None
+    line_search: bool = False        # Broyden: Armijo line search along each step (host-driven)
 
 
 @dataclasses.dataclass
@@ -174,6 +176,8 @@ def _broyden_loop(f: Callable, x: torch.Tensor, tr: _Tracker, n_evals: int) -> N
     sq = scal[:, 2:]
     for e in range(n_evals):
         fx = tr.evaluate(f, x)
+        if opt.line_search and e > 0:
+            fx = search_step(lambda y: tr.evaluate(f, y), x, fx, dx, float(sq[:, 0].sum()))
         n_valid = min(st.n_updates, L)
         ops.broyden_dots(x, fx, g, dx, U, V, ab, scal, n_valid)
         tr.status(sq, e)

@@ -55,7 +55,29 @@ def oracle_anderson(f, x0, m=6, lam=1e-4, threshold=50, eps=1e-3, stop_mode="rel
             "eps": eps, "threshold": threshold}
 
 
-def oracle_broyden(f, x0, threshold, eps=1e-3, stop_mode="rel"):
+def oracle_armijo(phi, phi0, c1=1e-4, amin=1e-2):
+    """scipy's scalar_search_armijo as the original uses it (derphi0 = -phi0), restated."""
+    d0 = -phi0
+    a0, p0 = 1.0, phi(1.0)
+    if p0 <= phi0 + c1 * a0 * d0:
+        return a0
+    a1 = -d0 * a0 ** 2 / 2.0 / (p0 - phi0 - d0 * a0)
+    p1 = phi(a1)
+    while a1 > amin:
+        fac = a0 ** 2 * a1 ** 2 * (a1 - a0)
+        a = (a0 ** 2 * (p1 - phi0 - d0 * a1) - a1 ** 2 * (p0 - phi0 - d0 * a0)) / fac
+        b = (-a0 ** 3 * (p1 - phi0 - d0 * a1) + a1 ** 3 * (p0 - phi0 - d0 * a0)) / fac
+        a2 = (-b + math.sqrt(abs(b ** 2 - 3 * a * d0))) / (3.0 * a)
+        p2 = phi(a2)
+        if p2 <= phi0 + c1 * a2 * d0:
+            return a2
+        if (a1 - a2) > a1 / 2.0 or (1 - a2 / a1) < 0.96:
+            a2 = a1 / 2.0
+        a0, a1, p0, p1 = a1, a2, p1, p2
+    return None
+
+
+def oracle_broyden(f, x0, threshold, eps=1e-3, stop_mode="rel", ls=False):
     B = x0.shape[0]
     flat = lambda t: t.reshape(B, -1)                      # noqa: E731
     g = lambda y: flat(f(y.reshape(x0.shape))) - y          # noqa: E731
@@ -82,8 +104,16 @@ def oracle_broyden(f, x0, threshold, eps=1e-3, stop_mode="rel"):
     step = {"abs": 0, "rel": 0}
     best, prot, nstep = x0, False, 0
     while nstep < threshold:
-        x_new = x + update
-        g_new = g(x_new)
+        s_ok = 1.0
+        if ls:
+            seen = {}
+
+            def phi(s):
+                seen[s] = g(x + s * update)
+                return seen[s].norm().item() ** 2
+            s_ok = oracle_armijo(phi, gx.norm().item() ** 2) or 1.0
+        x_new = x + s_ok * update
+        g_new = seen[s_ok] if ls and s_ok in seen else g(x_new)
         dx, dg = x_new - x, g_new - gx
         x, gx = x_new, g_new
         nstep += 1
@@ -207,8 +237,20 @@ def test_extra_keywords_follow_the_original():
     deq_fast.anderson(f, torch.zeros(2, 4), name="forward")     # the original takes **kwargs
     with pytest.raises(TypeError, match="bogus"):
         deq_fast.broyden(f, torch.zeros(2, 4), 10, bogus=1)     # ... its broyden does not
-    with pytest.raises(NotImplementedError, match="ls"):
-        deq_fast.broyden(f, torch.zeros(2, 4), 10, ls=True)
+
+
+@pytest.mark.parametrize("radius", [0.85, 1.6], ids=["contractive", "expansive"])
+def test_broyden_line_search_matches_original(radius):
+    """``ls=True``: the Armijo search with the original's formulas (whole-batch norm, s = 1 first,
+    quadratic then cubic backtracking, full step when it fails); float64, same numbers."""
+    x0 = torch.zeros(3, 12, dtype=torch.float64)
+    g = torch.Generator().manual_seed(7)
+    W = (torch.randn(12, 12, generator=g, dtype=torch.float64) / 12 ** 0.5 * radius)
+    b = torch.randn(3, 12, generator=g, dtype=torch.float64)
+    f64 = lambda z: torch.tanh(z @ W.T + b)                           # noqa: E731
+    ours = deq_fast.broyden(f64, x0, 25, eps=1e-12, ls=True)
+    ref = oracle_broyden(f64, x0, 25, eps=1e-12, ls=True)
+    assert_same_dict(ours, ref, atol=1e-9)
 
 
 def test_broyden_memory_bound():
