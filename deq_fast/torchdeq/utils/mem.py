@@ -1,0 +1,94 @@
+"""``torchdeq.utils.mem``: ``mem_gc``, gradient checkpointing of one module call.
+
+The forward keeps no activations; the backward re-runs the module under ``enable_grad`` and takes
+one VJP for the tensor inputs that need gradients and the module's trainable parameters.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["mem_gc"]
+
+
+def filter_input(in_args: Sequence[Any]) -> tuple[tuple, tuple, tuple]:
+    """Detached copies of ``in_args`` (keeping ``requires_grad``), the copies that need gradients,
+    and their positions."""
+    forward_args, grad_args, grad_idx = [], [], []
+    for i, arg in enumerate(in_args):
+        if torch.is_tensor(arg):
+            arg = arg.detach().requires_grad_(arg.requires_grad)
+            if arg.requires_grad:
+                grad_args.append(arg)
+                grad_idx.append(i)
+        forward_args.append(arg)
+    return tuple(forward_args), tuple(grad_args), tuple(grad_idx)
+
+
+def filter_out(out: Sequence[Any], out_grad: Sequence[Any]) -> tuple[tuple, tuple]:
+    """The outputs that received a gradient tensor, and those gradients."""
+    pairs = [(o, g) for o, g in zip(out, out_grad) if torch.is_tensor(g)]
+    return tuple(o for o, _ in pairs), tuple(g for _, g in pairs)
+
+
+def reset_grad(grad: Sequence[Any], in_args: Sequence[Any], grad_idx: Sequence[int]) -> tuple:
+    """Input gradients at their argument positions (``None`` elsewhere), then the parameters'."""
+    out: list = [None] * len(in_args)
+    for k, i in enumerate(grad_idx):
+        out[i] = grad[k]
+    return tuple(out) + tuple(grad[len(grad_idx):])
+
+
+class DEQGradCkpt(torch.autograd.Function):
+    """``apply(func, n_args, *args, *params)``: ``func(*args)`` without stored activations."""
+
+    @staticmethod
+    def fetch_params(modules: Any) -> list[torch.Tensor]:
+        """Trainable tensors of a module or list of modules (replicas: their tensor attributes)."""
+        modules = modules if isinstance(modules, (list, tuple)) else [modules]
+        params: list[torch.Tensor] = []
+        for module in modules:
+            if getattr(module, "_is_replica", False):   # DataParallel replicas hold plain tensors
+                for sub in module.modules():
+                    params += [v for v in sub.__dict__.values()
+                               if torch.is_tensor(v) and v.requires_grad]
+            else:
+                params += [p for p in module.parameters() if p.requires_grad]
+        return params
+
+    @staticmethod
+    def forward(ctx, func, n_func_args, *args):
+        ctx.func = func
+        ctx.in_args, ctx.params = args[:n_func_args], args[n_func_args:]
+        return func(*ctx.in_args)
+
+    @staticmethod
+    def backward(ctx, *out_grad):
+        forward_args, grad_args, grad_idx = filter_input(ctx.in_args)
+        with torch.enable_grad():
+            out = ctx.func(*forward_args)
+        out = (out,) if torch.is_tensor(out) else tuple(out)
+        outs, grads = filter_out(out, out_grad)
+        wrt = grad_args + tuple(ctx.params)
+        vjp = torch.autograd.grad(outs, wrt, grads, allow_unused=True) if wrt else ()
+        return (None, None, *reset_grad(vjp, ctx.in_args, grad_idx))
+
+
+def mem_gc(func: nn.Module, in_args: Sequence[Any] | None = None) -> Any:
+    """Run ``func(*in_args)`` with O(1) activation memory; gradients reach the tensor inputs that
+    need them and ``func``'s trainable parameters.
+
+    Args:
+        func: the module to run.
+        in_args: its positional arguments (tensors or anything else).
+
+    Returns:
+        ``func(*in_args)``.
+
+    Example:
+        >>> y = mem_gc(ffn, (x,))         # same value and gradients as ffn(x)
+    """
+    in_args = tuple(in_args) if in_args else ()
+    return DEQGradCkpt.apply(func, len(in_args), *in_args, *DEQGradCkpt.fetch_params(func))
