@@ -35,30 +35,39 @@ def _cubic_step(s0: float, s1: float, phi0: float, dphi0: float, phi_s0: float, 
 
 
 def armijo_search(phi: Callable[[float], float], phi0: float, dphi0: float, c1: float = 1e-4,
-                  amin: float = 1e-2) -> Optional[float]:
-    """The accepted step size, or ``None`` when the search failed (see the module docstring).
+                  alpha0: float = 1.0, amin: float = 0.0) -> tuple[Optional[float], float, int]:
+    """Backtracking search for the Armijo condition (see the module docstring).
+
+    Args:
+        phi: the merit function of the step size; phi0, dphi0: ``phi(0)`` and ``phi'(0) < 0``.
+        c1: Armijo constant; alpha0: first trial; amin: give up below this step size.
+
+    Returns:
+        ``(s, phi(s), cubic_trials)``; ``s`` is ``None`` when the search failed.
 
     Example:
-        >>> armijo_search(lambda s: (1 - s) ** 2, 1.0, -2.0)        # s = 1 satisfies Armijo
+        >>> armijo_search(lambda s: (1 - s) ** 2, 1.0, -2.0)[0]      # s = 1 satisfies Armijo
         1.0
     """
-    s0, phi_s0 = 1.0, phi(1.0)
+    s0, phi_s0 = alpha0, phi(alpha0)
     if phi_s0 <= phi0 + c1 * s0 * dphi0:
-        return s0
+        return s0, phi_s0, 0
     s1 = -dphi0 * s0 ** 2 / 2.0 / (phi_s0 - phi0 - dphi0 * s0)
     phi_s1 = phi(s1)
+    trials = 0
     while s1 > amin:
         try:
             s2 = _cubic_step(s0, s1, phi0, dphi0, phi_s0, phi_s1)
         except (ZeroDivisionError, OverflowError, ValueError):
             s2 = s1 / 2.0
         phi_s2 = phi(s2)
+        trials += 1
         if phi_s2 <= phi0 + c1 * s2 * dphi0:
-            return s2
+            return s2, phi_s2, trials
         if (s1 - s2) > s1 / 2.0 or (1 - s2 / s1) < 0.96:
             s2 = s1 / 2.0
         s0, s1, phi_s0, phi_s1 = s1, s2, phi_s1, phi_s2
-    return None
+    return None, phi_s1, trials
 
 
 def _sq_norm(g: torch.Tensor) -> float:
@@ -84,7 +93,7 @@ def search_step(evaluate: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
             last.update(s=s, fx=fxs, phi=_sq_norm(fxs - xs))
         return last["phi"]
 
-    s = armijo_search(phi, phi0, -phi0)
+    s = armijo_search(phi, phi0, -phi0, amin=1e-2)[0]
     s = 1.0 if s is None else s
     if s == 1.0 and last["s"] != 1.0:
         fx = evaluate(torch.add(x_old, upd))                 # the originals evaluate again here
