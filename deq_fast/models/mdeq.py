@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._deq_api import deq_api
+from ._deq_block import DEQBlockMixin
 
 __all__ = ["MDEQ"]
 
@@ -145,7 +146,7 @@ class _Head(nn.Module):
         return self.classifier(y.mean(dim=(2, 3)))
 
 
-class MDEQ(nn.Module):
+class MDEQ(DEQBlockMixin, nn.Module):
     """Multiscale DEQ classifier (see the module docstring for the structure).
 
     Args:
@@ -192,19 +193,15 @@ class MDEQ(nn.Module):
             raise ValueError(f"num_unrolled must be >= 1, got {num_unrolled}")
         if norm not in ("weight_norm", "none"):
             raise ValueError(f"norm must be 'weight_norm' or 'none', got {norm!r}")
-        self.api = deq_api(deq_impl)
+        api = deq_api(deq_impl)
         self.channels = tuple(int(c) for c in channels)
-        self.num_unrolled = num_unrolled
         c0 = self.channels[0]
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, c0, 3, padding=1, bias=False), _gn(c0, num_groups), nn.ReLU(),
             nn.Conv2d(c0, c0, 3, padding=1, bias=False), _gn(c0, num_groups))
-        self.cell = _MDEQCell(self.channels, expansion, num_groups, dropout, self.api)
+        self.cell = _MDEQCell(self.channels, expansion, num_groups, dropout, api)
         self.head = _Head(self.channels, head_channels, final_channels, num_classes, num_groups)
-        self.norm = norm
-        if norm != "none":
-            self.api.apply_norm(self.cell, norm)
-        self.deq = self.api.get_deq(**(deq_kwargs or {}))
+        self._init_deq_block(api, norm, num_unrolled, deq_kwargs)
 
     def _shapes(self, x: torch.Tensor) -> list[tuple[int, ...]]:
         b, _, h, w = x.shape
@@ -214,11 +211,7 @@ class MDEQ(nn.Module):
                 backward_writer=None) -> tuple[torch.Tensor, dict]:
         if x.dim() != 4:
             raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
-        # Weight norm: weights recomputed once here, not in every solver iteration; new
-        # variational-dropout masks for this batch.
-        if self.norm != "none":
-            self.api.reset_norm(self.cell)
-        self.api.reset_dropout(self.cell)
+        self._reset_deq_block()
         injection = self.stem(x)
         shapes = self._shapes(x)
         sizes = [math.prod(s[1:]) for s in shapes]
@@ -229,18 +222,6 @@ class MDEQ(nn.Module):
             return torch.cat([o.flatten(1) for o in out], dim=1).to(z.dtype)
 
         z0 = torch.zeros(x.shape[0], sum(sizes), device=x.device, dtype=torch.float32)
-        info: dict = {}
-        if unrolled:
-            z = z0
-            for _ in range(self.num_unrolled):
-                z = func(z)
-        else:
-            kwargs = {"backward_writer": backward_writer} if backward_writer is not None else {}
-            z_out, info = self.deq(func, z0, **kwargs)
-            z = z_out[-1]
-            if jac_loss and self.training:
-                zj = z.detach().requires_grad_()
-                info = dict(info)
-                info["jac_loss"] = self.api.jac_reg(func(zj), zj)
+        z, info = self._solve_deq_block(func, z0, unrolled, jac_loss, backward_writer)
         zs = [p.view(s) for p, s in zip(torch.split(z, sizes, dim=1), shapes)]
         return self.head(zs), info

@@ -15,8 +15,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._deq_api import deq_api
+from ._deq_block import DEQBlockMixin
 
 __all__ = ["DEQTransformerLM"]
+
+
+def _math_attention():
+    """The Jacobian penalty is differentiated twice; the fused CPU attention kernels have no
+    double backward, the math formulation does."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 class _Block(nn.Module):
@@ -43,7 +51,7 @@ class _Block(nn.Module):
         return self.ln_out(h)
 
 
-class DEQTransformerLM(nn.Module):
+class DEQTransformerLM(DEQBlockMixin, nn.Module):
     """Causal DEQ transformer language model.
 
     Args:
@@ -82,30 +90,24 @@ class DEQTransformerLM(nn.Module):
             raise ValueError(f"num_unrolled must be >= 1, got {num_unrolled}")
         if norm not in ("weight_norm", "none"):
             raise ValueError(f"norm must be 'weight_norm' or 'none', got {norm!r}")
-        self.api = deq_api(deq_impl)
+        api = deq_api(deq_impl)
         self.max_len = max_len
-        self.num_unrolled = num_unrolled
         self.embed = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Parameter(torch.randn(max_len, d_model) * 0.02)
         self.inject = nn.Linear(d_model, d_model)
-        self.cell = _Block(d_model, n_heads, d_ff, dropout, self.api)
+        self.cell = _Block(d_model, n_heads, d_ff, dropout, api)
         self.ln_f = nn.LayerNorm(d_model)
         self.decoder = nn.Linear(d_model, vocab_size, bias=False)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.decoder.weight = self.embed.weight
-        self.norm = norm
-        if norm != "none":
-            self.api.apply_norm(self.cell, norm)
-        self.deq = self.api.get_deq(**(deq_kwargs or {}))
+        self._init_deq_block(api, norm, num_unrolled, deq_kwargs, jac_context=_math_attention)
 
     def forward(self, tokens: torch.Tensor, unrolled: bool = False, jac_loss: bool = False,
                 backward_writer=None) -> tuple[torch.Tensor, dict]:
         if tokens.dim() != 2 or tokens.shape[1] > self.max_len:
             raise ValueError(f"tokens must be (B, L) with L <= {self.max_len}, "
                              f"got shape {tuple(tokens.shape)}")
-        if self.norm != "none":
-            self.api.reset_norm(self.cell)
-        self.api.reset_dropout(self.cell)
+        self._reset_deq_block()
         L = tokens.shape[1]
         u = self.inject(self.embed(tokens) + self.pos[:L])
 
@@ -113,21 +115,5 @@ class DEQTransformerLM(nn.Module):
             return self.cell(z, u).to(z.dtype)
 
         z0 = torch.zeros(u.shape, device=u.device, dtype=torch.float32)
-        info: dict = {}
-        if unrolled:
-            z = z0
-            for _ in range(self.num_unrolled):
-                z = func(z)
-        else:
-            kwargs = {"backward_writer": backward_writer} if backward_writer is not None else {}
-            z_out, info = self.deq(func, z0, **kwargs)
-            z = z_out[-1]
-            if jac_loss and self.training:
-                zj = z.detach().requires_grad_()
-                info = dict(info)
-                # The Jacobian penalty is differentiated twice; the fused CPU attention kernels
-                # have no double backward, the math formulation does.
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-                with sdpa_kernel(SDPBackend.MATH):
-                    info["jac_loss"] = self.api.jac_reg(func(zj), zj)
+        z, info = self._solve_deq_block(func, z0, unrolled, jac_loss, backward_writer)
         return self.decoder(self.ln_f(z)), info

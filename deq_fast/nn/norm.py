@@ -283,6 +283,21 @@ def apply_norm(model: nn.Module, norm_type: str = "weight_norm",
         return
     if norm_type not in _NORMS:
         raise ValueError(f"norm_type must be one of {sorted(_NORMS) + ['none']}, got {norm_type!r}")
+    kw = _norm_options(norm_type, cfg, norm_kwargs)
+    prefixes = [prefix_filter_out] if isinstance(prefix_filter_out, str) else (prefix_filter_out or [])
+    contains = [filter_out] if isinstance(filter_out, str) else (filter_out or [])
+    for qual, module in list(model.named_modules()):
+        if any(qual.startswith(p) for p in prefixes) or any(s in qual for s in contains):
+            continue
+        if hasattr(module, "_deq_norm"):
+            raise ValueError(f"module {qual or type(module).__name__!r} is already normalised; "
+                             "call remove_norm first")
+        if type(module) in _TARGETS:
+            _normalise(module, norm_type, kw, norm_kwargs)
+
+
+def _norm_options(norm_type: str, cfg: dict, norm_kwargs: dict) -> dict:
+    """The normalisation's options: ``args`` keys over keyword arguments over defaults."""
     kw = dict(learn_scale=norm_kwargs.get("learn_scale", True),
               target_norm=norm_kwargs.get("target_norm", 1.0),
               clip=norm_kwargs.get("clip", False), clip_value=norm_kwargs.get("clip_value", 1.0))
@@ -295,28 +310,23 @@ def apply_norm(model: nn.Module, norm_type: str = "weight_norm",
         kw["n_power_iterations"] = cfg.get("sn_n_power_iters",
                                            norm_kwargs.get("n_power_iterations", 1))
         kw["eps"] = norm_kwargs.get("eps", 1e-12)
-    prefixes = [prefix_filter_out] if isinstance(prefix_filter_out, str) else (prefix_filter_out or [])
-    contains = [filter_out] if isinstance(filter_out, str) else (filter_out or [])
-    for qual, module in list(model.named_modules()):
-        if any(qual.startswith(p) for p in prefixes) or any(s in qual for s in contains):
-            continue
-        if hasattr(module, "_deq_norm"):
-            raise ValueError(f"module {qual or type(module).__name__!r} is already normalised; "
-                             "call remove_norm first")
-        if type(module) not in _TARGETS:
-            continue
-        names = norm_kwargs.get("names") or _TARGETS[type(module)][0]
-        dims = norm_kwargs.get("dims")
-        dims = _TARGETS[type(module)][1] if dims is None else dims
-        names = [names] if isinstance(names, str) else list(names)
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        if len(names) != len(dims):
-            raise ValueError(f"names {names} and dims {dims} must have the same length")
-        fn = _NORMS[norm_type](names, dims, **kw)
-        fn.attach(module)
-        module.__class__ = _NORMED[type(module)]
-        module._deq_norm = fn
-        module._deq_norm_handle = module.register_forward_pre_hook(_refresh_hook)
+    return kw
+
+
+def _normalise(module: nn.Module, norm_type: str, kw: dict, norm_kwargs: dict) -> None:
+    """Attach the normalisation to one target layer and switch it to its ``Normed*`` class."""
+    names = norm_kwargs.get("names") or _TARGETS[type(module)][0]
+    dims = norm_kwargs.get("dims")
+    dims = _TARGETS[type(module)][1] if dims is None else dims
+    names = [names] if isinstance(names, str) else list(names)
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if len(names) != len(dims):
+        raise ValueError(f"names {names} and dims {dims} must have the same length")
+    fn = _NORMS[norm_type](names, dims, **kw)
+    fn.attach(module)
+    module.__class__ = _NORMED[type(module)]
+    module._deq_norm = fn
+    module._deq_norm_handle = module.register_forward_pre_hook(_refresh_hook)
 
 
 def reset_norm(model: nn.Module) -> None:

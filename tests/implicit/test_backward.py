@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from deq_fast.ops import extension
 from deq_fast.implicit import backward as bw
+from deq_fast.ops import backward as bwd_ops
 from deq_fast.implicit.backward import implicit_backward, shine_apply
 
 ITERATIVE = ("fixed_point", "anderson", "broyden", "gmres")
@@ -444,11 +445,7 @@ def test_opcheck(name, dtype):
     torch.library.opcheck(getattr(torch.ops.deq_fast, name).default, args)
 
 
-_REFERENCE_OPS = {
-    "bwd_track": bw._ref_track, "bwd_anderson_mix": bw._ref_anderson_mix,
-    "bwd_broyden_step": bw._ref_broyden_step, "bwd_gmres_start": bw._ref_gmres_start,
-    "bwd_gmres_arnoldi": bw._ref_gmres_arnoldi, "bwd_gmres_update": bw._ref_gmres_update,
-}
+_REFERENCE_OPS = {name: getattr(bwd_ops, f"{name}_reference") for name in bwd_ops.OP_NAMES}
 
 
 @needs_ext
@@ -472,3 +469,36 @@ def test_every_op_has_cpu_and_cuda_registration_in_source():
     for name in bw._OPS:
         assert f'm.def("{name}(' in cpp and f'm.impl("{name}", &{name}_cpu)' in cpp
         assert f'm.impl("{name}", &{name}_cuda)' in cu
+
+
+# ---------------------------------------------------------------------------------------------
+# one Anderson least-squares reference for forward and backward
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,newest", [(1, 0), (3, 2), (4, 1)], ids=["n1", "n3-new2", "n4-new1"])
+def test_backward_anderson_alpha_is_the_forward_reference(n, newest):
+    from deq_fast.ops.lstsq import anderson_lstsq_reference
+    gen = torch.Generator().manual_seed(n)
+    G = torch.randn(5, n, 13, generator=gen, dtype=torch.float64)
+    gram = G @ G.transpose(1, 2)
+    torch.testing.assert_close(bwd_ops.anderson_alpha(gram, 1e-4, newest),
+                               anderson_lstsq_reference(gram, n, newest, 1e-4, True),
+                               rtol=0, atol=0)
+
+
+def test_backward_anderson_degenerate_gram_is_one_hot_at_newest():
+    """An all-zero Gram matrix (every stored residual zero) mixes one-hot at the newest entry, as
+    the forward Anderson does (it used to give uniform weights in the backward)."""
+    gram = torch.zeros(2, 3, 3, dtype=torch.float64)
+    gram[1] = torch.eye(3, dtype=torch.float64)           # a regular sample next to it
+    alpha = bwd_ops.anderson_alpha(gram, 1e-4, 2)
+    assert alpha[0].tolist() == [0.0, 0.0, 1.0]
+    torch.testing.assert_close(alpha[1], torch.full((3,), 1 / 3, dtype=torch.float64))
+    # through the mixing step: x becomes F[newest] = x + r of the newest slot
+    B, D, m = 2, 4, 3
+    x, r = torch.randn(B, D, dtype=torch.float64), torch.zeros(B, D, dtype=torch.float64)
+    F, G = torch.randn(m, B, D, dtype=torch.float64), torch.zeros(m, B, D, dtype=torch.float64)
+    gram = torch.zeros(B, m, m, dtype=torch.float64)
+    x_before = x.clone()
+    bwd_ops.bwd_anderson_mix_reference(x, r, F, G, gram, torch.ones(B, dtype=torch.bool), 1, 3,
+                                       1e-4)
+    torch.testing.assert_close(x, x_before)               # F[1] = x + 0, one-hot at slot 1

@@ -463,7 +463,8 @@ def test_misspelt_keyword_raises_naming_it():
         get_deq(tau=0.0)
     with pytest.raises(ValueError, match="b_solver"):
         get_deq(b_solver="gmress")
-    with pytest.raises(TypeError, match="solver_kwarg"):
+    # the forward ignores unknown keywords as TorchDEQ does (MDEQ's writer=), warning on near-misses
+    with pytest.warns(UserWarning, match="solver_kwarg.*solver_kwargs"):
         get_deq()(torch.tanh, torch.zeros(2, 3), solver_kwarg={})
 
 
@@ -474,8 +475,10 @@ def test_args_namespace_from_add_deq_args():
     deq = get_deq(args, f_tol=1e-5)
     assert (deq.f_solver_name, deq.f_max_iter, deq.f_stop_mode, deq.core, deq.f_tol) == \
         ("anderson", 17, "rel", "indexing", 1e-5)
-    assert deq.grad_mode == "exact"
+    assert deq.grad_mode == "phantom"   # add_deq_args sets ift=False: TorchDEQ's phantom gradient
+    assert get_deq(parser.parse_args(["--ift"])).grad_mode == "exact"
     assert get_deq(parser.parse_args(["--grad_mode", "phantom"])).grad_mode == "phantom"
+    assert get_deq(parser.parse_args(["--grad_mode", "jfb"])).grad_mode == "jfb"
     assert get_deq({"f_max_iter": 5, "unrelated": 1}).f_max_iter == 5
     with pytest.raises(ValueError, match="grad_mode"):
         get_deq(ift=True, grad_mode="phantom")
