@@ -72,7 +72,9 @@ def solve(f: Callable[[State], State], x0: State, method: str = "anderson", max_
         check_every: the host looks at the stop flags after every ``k`` evaluations, without a host
             sync (CPU: a direct read; CUDA: a non-blocking copy read one evaluation later, see
             :mod:`deq_fast.solvers.polling`); ``0`` never looks: exactly ``max_iter`` iterations.
-        stop_together: stop samples only when all are under ``tol`` (TorchDEQ's rule).
+        stop_together: no sample stops before all are under ``tol`` (TorchDEQ's rule). Pass it
+            when ``f`` couples the rows of the batch (a graph layer whose rows are nodes, a map
+            with batch statistics): freezing a converged row would then change the others.
         backend: ``'auto'``, ``'torch'`` or ``'triton'`` (default: ``$DEQ_FAST_BACKEND`` or auto).
 
     Returns:
