@@ -80,7 +80,7 @@ def run(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, opt: Option
     """Run ``opt.method`` on ``f: (B, D) -> (B, D)`` from ``x0`` (``(B, D)``, contiguous)."""
     B, D = x0.shape
     dev, acc = x0.device, acc_dtype(x0.dtype)
-    ops = get_ops(opt.backend)
+    ops = get_ops(opt.backend, dev, x0.dtype)
     n_evals = _n_evals(opt)
     tracked = max(n_evals - opt.track_from, 0)
     rows = opt.trace_rows if opt.trace_rows is not None else tracked + int(opt.trace_init_row)
