@@ -199,3 +199,24 @@ def test_cuda_source_compiles_for_sm80_sm90(source, tmp_path):
     if source == "cuda/anderson_lstsq.cu":
         for scalar in (b"IfE", b"IdE"):  # float and double instantiations of the kernel
             assert b"anderson_lstsq_kernel" + scalar in data
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_zero_gram_is_one_hot_in_forward_and_backward(dtype):
+    """One decided behaviour (csrc/include/deq_fast/anderson_lstsq.h): a zero Gram matrix (every
+    residual zero) gives the one-hot step at the newest entry in the forward op, its reference and
+    the backward's Anderson update. Negative check: uniform weights would move x to the mean of F."""
+    zero = torch.zeros(2, 4, 4, dtype=dtype)
+    want = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=dtype).expand(2, 4)
+    for fn in (torch.ops.deq_fast.anderson_lstsq, anderson_lstsq_reference):
+        torch.testing.assert_close(fn(zero, 3, 2, 1e-4, True), want, rtol=0, atol=0)
+    B, D, m = 2, 9, 4
+    x = torch.randn(B, D, dtype=dtype)
+    F = torch.randn(m, B, D, dtype=dtype)                         # old slots differ from x
+    G = torch.zeros(m, B, D, dtype=dtype)
+    gram = torch.zeros(B, m, m, dtype=torch.float64)
+    out = x.clone()
+    torch.ops.deq_fast.bwd_anderson_mix(out, torch.zeros_like(x), F, G, gram,
+                                        torch.ones(B, dtype=torch.bool), 2, 3, 1e-4)
+    torch.testing.assert_close(out, x, rtol=0, atol=0)           # x + r with r = 0: F[newest]
