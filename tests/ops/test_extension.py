@@ -186,7 +186,7 @@ def test_cuda_source_compiles_for_sm80_sm90(source, tmp_path):
         stub.mkdir(parents=True)
         (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
         include.append(f"-I{tmp_path / 'include'}")
-    obj = tmp_path / (source + ".o")
+    obj = tmp_path / (source.replace("/", "_") + ".o")
     cmd = [_nvcc(), "-c", str(CSRC / source), "-o", str(obj), *include, "-std=c++20", "-O3",
            *cpp_extension.COMMON_NVCC_FLAGS, "--compiler-options", "-fPIC",
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
