@@ -7,8 +7,10 @@ a multi-GB CUDA torch):
     pip install --no-build-isolation .
 
 Extension (``deq_fast._C``):
-    * CPU ops from every ``csrc/*.cpp`` (always);
-    * plus every ``csrc/*.cu`` (CUDAExtension) when the installed torch is a CUDA build and nvcc is
+    * the op schemas (``csrc/ops.cpp``), the module init, the backward loop (``csrc/backward/``) and
+      the CPU kernels (``csrc/cpu/``): every ``csrc/**/*.cpp`` (always); headers in
+      ``csrc/include/deq_fast/`` (included as ``"deq_fast/..."``);
+    * plus every ``csrc/**/*.cu`` (``csrc/cuda/``; CUDAExtension) when the installed torch is a CUDA build and nvcc is
       found (``CUDA_HOME``), or when ``DEQ_FAST_FORCE_CUDA=1``. Without a GPU on the build machine
       also set ``TORCH_CUDA_ARCH_LIST`` (e.g. "8.0;9.0") and ``CUDA_HOME``;
     * ``DEQ_FAST_NO_EXT=1`` skips it: a pure-Python install that uses the reference path. A build
@@ -30,9 +32,10 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0") == "1"
 
 
-def _sources(pattern: str) -> list[str]:
-    # setuptools wants paths relative to setup.py
-    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", pattern)))
+def _sources(suffix: str) -> list[str]:
+    """Every ``csrc/**/*<suffix>``, relative to setup.py (as setuptools wants), sorted."""
+    pattern = os.path.join(HERE, "csrc", "**", "*" + suffix)
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(pattern, recursive=True))
 
 
 def _extensions() -> tuple[list, dict]:
@@ -50,15 +53,18 @@ def _extensions() -> tuple[list, dict]:
     use_cuda = _flag("DEQ_FAST_FORCE_CUDA") or (
         torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
         and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")))
-    sources = _sources("*.cpp")
+    sources = _sources(".cpp")
     # -g0 overrides the -g of Python's CFLAGS: without it the .so carries ~9 MB of debug info
     compile_args = {"cxx": ["-O3", "-g0"]}
+    include_dirs = [os.path.join(HERE, "csrc", "include")]
     if use_cuda:
-        sources += _sources("*.cu")
+        sources += _sources(".cu")
         compile_args["nvcc"] = ["-O3"]
-        ext = cpp_extension.CUDAExtension("deq_fast._C", sources, extra_compile_args=compile_args)
+        ext = cpp_extension.CUDAExtension("deq_fast._C", sources, include_dirs=include_dirs,
+                                          extra_compile_args=compile_args)
     else:
-        ext = cpp_extension.CppExtension("deq_fast._C", sources, extra_compile_args=compile_args)
+        ext = cpp_extension.CppExtension("deq_fast._C", sources, include_dirs=include_dirs,
+                                         extra_compile_args=compile_args)
     print(f"deq_fast: building deq_fast._C ({'CPU+CUDA' if use_cuda else 'CPU'}) from "
           f"{len(sources)} sources", file=sys.stderr)
     return [ext], {"build_ext": cpp_extension.BuildExtension}

@@ -4,8 +4,8 @@ Per op: milliseconds per call (median of ``--reps`` after one warm-up, one torch
 bandwidth it reaches from the bytes it must move (history columns read + state vectors read and
 written). For scale, the same machine's ``copy_`` of one state is printed first.
 
-* forward Broyden, ``B x L x D`` rings with ``n`` written columns: ``deq_fast::cpu_broyden_dots`` /
-  ``cpu_broyden_update`` against ``broyden_dots_reference`` / ``broyden_update_reference`` (the
+* forward Broyden, ``B x L x D`` rings with ``n`` written columns: ``deq_fast::broyden_dots`` /
+  ``broyden_update`` (their C++ CPU kernels) against ``broyden_dots_reference`` / ``broyden_update_reference`` (the
   torch path: bmm/baddbmm and elementwise ops);
 * backward solve updates, ``[n, B, D]`` histories: ``bwd_broyden_step``, ``bwd_anderson_mix``,
   ``bwd_gmres_update`` (no torch counterpart: the Python reference loop is an oracle, not a path).
@@ -68,14 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     g, ab, scal = torch.empty(B, D), torch.zeros(B, 2, L), torch.zeros(B, 4)
     best = x.clone()
     flags = torch.ones(B, dtype=torch.bool)
-    ops.cpu_broyden_dots(x, fx, g, dx, U, V, ab, scal, n)
+    ops.broyden_dots.default(x, fx, g, dx, U, V, ab, scal, n)
     cache: dict = {}
     dots_bytes = 2 * n + 4
     rows.append(("fwd broyden_dots  torch", timed(
         lambda: broyden_dots_reference(x, fx, g, dx, U, V, ab, scal, n, cache=cache), args.reps),
         dots_bytes))
     rows.append(("fwd broyden_dots  C++", timed(
-        lambda: ops.cpu_broyden_dots(x, fx, g, dx, U, V, ab, scal, n), args.reps), dots_bytes))
+        lambda: ops.broyden_dots.default(x, fx, g, dx, U, V, ab, scal, n), args.reps), dots_bytes))
     # the update mutates x, dx, U, V: time it on copies so every call sees the same state
     Us, Vs, xs, dxs = U.clone(), V.clone(), x.clone(), dx.clone()
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         broyden_update_reference(xs, g, dxs, Us, Vs, ab, scal, best, flags, flags, n, n, cache=cache)
 
     def cpp_update():
-        ops.cpu_broyden_update(xs, g, dxs, Us, Vs, ab, scal, best, flags, flags, n, n)
+        ops.broyden_update.default(xs, g, dxs, Us, Vs, ab, scal, best, flags, flags, n, n)
 
     t_reset = timed(reset, args.reps)
     rows.append(("fwd broyden_update torch", timed(lambda: (reset(), ref_update()), args.reps)

@@ -1,10 +1,10 @@
-// The Python module deq_fast._C. Importing it runs the static TORCH_LIBRARY_FRAGMENT /
-// TORCH_LIBRARY_IMPL registrations of every csrc/*.cpp and csrc/*.cu (the ops are then reachable
-// as torch.ops.deq_fast.*) and adds the module function backward_solve (csrc/backward.cpp). No
+// The Python module deq_fast._C. Importing it runs the static TORCH_LIBRARY (ops.cpp) and
+// TORCH_LIBRARY_IMPL (cpu/, cuda/) registrations (the ops are then reachable as
+// torch.ops.deq_fast.*) and adds the module function backward_solve (backward/loop.cpp). No
 // pybind11 and no torch/extension.h here (it costs ~25 s of compile), as in pytorch/extension-cpp.
 #include <Python.h>
 
-#include "backward.h"  // register_backward_bindings
+#include "deq_fast/module.h"  // register_backward_bindings
 
 extern "C" {
 
@@ -18,7 +18,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   };
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
-  if (register_backward_bindings(module) != 0) {  // adds backward_solve (csrc/backward.cpp)
+  if (register_backward_bindings(module) != 0) {  // adds backward_solve (backward/loop.cpp)
     Py_DECREF(module);
     return nullptr;
   }

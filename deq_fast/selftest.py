@@ -26,7 +26,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-__all__ = ["main", "run_kernel_checks", "run_solve_checks"]
+__all__ = ["main", "run_kernel_checks", "run_solve_checks", "run_cpp_cuda_checks", "cpp_cuda_cases"]
 
 NAN = float("nan")
 # max |kernel - reference| <= TOL * max(max |reference|, 1). bf16: the interpreter rounds
@@ -150,7 +150,7 @@ def run_kernel_checks(device: str, shapes: list, timing: bool = False,
         table rows ``(op, shape, dtype, max abs err, tol, ok, kernel us, torch us)``.
     """
     from deq_fast import kernels
-    from deq_fast.ops.dispatch import REFERENCE
+    from deq_fast.ops.table import REFERENCE
 
     rows = []
     for op in ops:
@@ -207,6 +207,74 @@ def run_solve_checks(device: str) -> list:
     return rows
 
 
+def cpp_cuda_cases(dtype: torch.dtype = torch.float32) -> dict:
+    """``{op: args}`` on CPU for every op of ``deq_fast._C`` with a CUDA kernel (csrc/cuda/), in
+    the layouts the backward loop uses (histories ``[m, B, D]``, small state float64). Shared by
+    :func:`run_cpp_cuda_checks` and tests/ops/test_extension.py."""
+    r = _Inputs("cpu", "cpp", dtype)
+    B, D, m = 3, 300, 4
+    x, y = r.randn((B, D), dtype), r.randn((B, D), dtype)
+    act = torch.tensor([True, False, True])
+    ign = torch.rand(B, generator=r.gen, dtype=torch.float64) + 0.5
+    G = r.randn((m, B, D), dtype)
+    gram = torch.einsum("ibd,jbd->bij", G.double(), G.double()).contiguous()
+    k = 3
+    Q = torch.zeros(k + 1, B, D, dtype=dtype)
+    Q[0] = y / y.norm(dim=1, keepdim=True)
+    s0 = torch.zeros(B, k + 1, dtype=torch.float64)
+    s0[:, 0] = 1.0
+    R = torch.zeros(B, k, k + 1, dtype=torch.float64)
+    R[:, 0, :2] = torch.tensor([2.0, 0.5], dtype=torch.float64)
+    kdim = torch.tensor([1, 0, 1])
+    h = r.randn((B, 5, 7), dtype)
+    return {
+        "anderson_lstsq": ((h @ h.transpose(1, 2)).contiguous(), 4, 2, 1e-3, True),
+        "bwd_track": (x, y, r.randn((B, D), dtype), ign, torch.zeros(B, D, dtype=dtype),
+                      torch.zeros(B, D, dtype=dtype), torch.tensor([NAN, 1e9, 1e-9],
+                                                                   dtype=torch.float64),
+                      act.clone(), 1e-3),
+        "bwd_masked_add": (x.clone(), y, act),
+        "bwd_anderson_mix": (x.clone(), y, r.randn((m, B, D), dtype), G.clone(), gram.clone(), act,
+                             2, 3, 1e-4),
+        "bwd_broyden_step": (x.clone(), y, r.randn((B, D), dtype), r.randn((B, D), dtype, 0.3),
+                             r.randn((m, B, D), dtype, 0.1), r.randn((m, B, D), dtype, 0.1), act,
+                             2, 2),
+        "bwd_gmres_start": (y, act, Q.clone(), s0.clone(), kdim.clone(), act.clone()),
+        "bwd_gmres_arnoldi": (r.randn((B, D), dtype, 0.2), Q.clone(), R.clone(),
+                              torch.zeros(B, k, dtype=torch.float64),
+                              torch.zeros(B, k, dtype=torch.float64), s0.clone(), kdim.clone(),
+                              act.clone(), ign, 0, 1e-6),
+        "bwd_gmres_update": (x.clone(), Q, R, s0, kdim),
+    }
+
+
+def run_cpp_cuda_checks() -> list:
+    """Every C++ CUDA op (``deq_fast._C``, csrc/cuda/) against the same op's CPU kernel: every
+    tensor argument after the call (the in-place outputs) and the return value. CUDA only."""
+    rows = []
+    for dtype in (torch.float32, torch.float64):
+        for op, args in cpp_cuda_cases(dtype).items():
+            cpu = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+            gpu = [a.to("cuda") if isinstance(a, torch.Tensor) else a for a in args]
+            err, tol = 0.0, 0.0
+            try:
+                fn = getattr(torch.ops.deq_fast, op).default
+                outs = [(fn(*cpu), fn(*gpu))]
+                outs += [(c, g) for c, g in zip(cpu, gpu) if isinstance(c, torch.Tensor)]
+                ok = True
+                for c, g in outs:
+                    if c is None:
+                        continue
+                    e, scale = _compare(g, c)
+                    t = (1e-10 if dtype == torch.float64 else 2e-5) * scale
+                    err, tol, ok = max(err, e), max(tol, t), ok and e <= t
+            except Exception as exc:                                     # reported, not raised
+                ok, err = False, float("nan")
+                print(f"  {op} {DT_NAMES[dtype]}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            rows.append((f"C++ {op}", "cuda/cpu", DT_NAMES[dtype], err, tol, ok, None, None))
+    return rows
+
+
 def _print(rows: list, timing: bool) -> None:
     head = f"{'op':<22} {'shape':>10} {'dtype':>5} {'max abs err':>12} {'tol':>10} {'result':>6}"
     if timing:
@@ -249,6 +317,9 @@ def main(argv: Optional[list] = None) -> int:
     shapes = [(1, 37), (3, 130)] if device == "cpu" else [(1, 37), (3, 130), (64, 4099),
                                                           (128, 16384)]
     rows = run_kernel_checks(device, shapes, args.timing) + run_solve_checks(device)
+    from deq_fast.ops import extension
+    if device == "cuda" and extension.available():   # the C++ CUDA kernels of deq_fast._C
+        rows += run_cpp_cuda_checks()
     _print(rows, args.timing and device == "cuda")
     failed = sum(not r[5] for r in rows)
     print(f"{len(rows) - failed}/{len(rows)} passed")

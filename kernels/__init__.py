@@ -4,7 +4,7 @@ One module per reference module of ``deq_fast/ops``: each holds the kernels ``_<
 shapes, accumulation dtype and bytes moved in their docstrings) and the launchers ``<op>(...)``,
 which validate their arguments, launch exactly one kernel and never synchronise with the host.
 This package imports only torch and triton; the rest of deq_fast reaches it through the custom ops
-registered in ``deq_fast/ops/registered.py``. Under ``TRITON_INTERPRET=1`` (set before this package
+registered by the op table ``deq_fast/ops/table.py``. Under ``TRITON_INTERPRET=1`` (set before this package
 is imported) the kernels run on CPU tensors.
 """
 from .anderson import (_anderson_mix_kernel, _anderson_residual_kernel, anderson_mix,

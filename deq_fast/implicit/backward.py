@@ -44,13 +44,12 @@ the API: validation, start, backend choice, and the fake (shape-only) kernels of
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
 from deq_fast.implicit.reference import python_solve
 from deq_fast.ops import extension
-from deq_fast.ops.backward import MAX_HISTORY, OP_NAMES
+from deq_fast.ops.backward import MAX_HISTORY
 
 __all__ = ["implicit_backward", "METHODS", "DEFAULT_METHOD", "shine_apply"]
 
@@ -86,32 +85,6 @@ DEFAULT_METHOD = "gmres"
 _BACKENDS = ("auto", "cpp", "python")
 
 
-# ---------------------------------------------------------------------------------------------
-# fake (shape-only) kernels of the registered ops: every op mutates its arguments and returns None
-# ---------------------------------------------------------------------------------------------
-_OPS = OP_NAMES
-_fakes_registered = False
-
-
-def _fake(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-def _register_fakes() -> None:
-    global _fakes_registered
-    if _fakes_registered:
-        return
-    for name in _OPS:
-        if not hasattr(torch.ops.deq_fast, name):
-            continue
-        try:
-            torch.library.register_fake(f"deq_fast::{name}", _fake)
-        except RuntimeError as exc:  # already registered (module reloaded)
-            if "already" not in str(exc):
-                raise
-    _fakes_registered = True
-
-
 def _cpp_module():
     """The extension module when it provides ``backward_solve`` (and its ops), else None."""
     if not extension.available():
@@ -119,7 +92,6 @@ def _cpp_module():
     module = extension.load()
     if module is None or not hasattr(module, "backward_solve"):
         return None
-    _register_fakes()
     return module
 
 
@@ -141,7 +113,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             why = f"the C++ loop runs on CPU or CUDA tensors, got device {device}"
         elif extension.available():
             why = ("deq_fast._C has no backward_solve: its module init must call "
-                   "register_backward_bindings (csrc/backward.h); rebuild the extension")
+                   "register_backward_bindings (csrc/include/deq_fast/module.h); rebuild the extension")
         else:
             why = extension.extension_status()[1]
         raise RuntimeError(f"backend='cpp' was forced but it cannot run: {why}")

@@ -1,6 +1,6 @@
 """The Python reference loop of the implicit backward: the oracle and the fallback of the C++ loop.
 
-:func:`python_solve` is the pure-Python twin of ``backward_solve`` in ``csrc/backward.cpp``: same
+:func:`python_solve` is the pure-Python twin of ``backward_solve`` in ``csrc/backward/loop.cpp``: same
 arguments, same algorithms, same stopping points and results. Its per-iteration steps are the
 op references of :mod:`deq_fast.ops.backward`; the VJPs go through autograd.
 """
@@ -136,7 +136,7 @@ def python_solve(fz: torch.Tensor, z: torch.Tensor, grad: torch.Tensor, inv_gnor
                  active0: torch.Tensor, x0: torch.Tensor, zero_init: bool, method: str,
                  max_iter: int, tol: float, m: int, lam: float, restart: int,
                  check_every: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Pure-Python twin of ``backward_solve`` in csrc/backward.cpp (same arguments and results).
+    """Pure-Python twin of ``backward_solve`` in csrc/backward/loop.cpp (same arguments and results).
 
     Args:
         fz, z: ``[B, D]`` output and input of the tracked ``f`` evaluation (VJPs ``J^T v``).

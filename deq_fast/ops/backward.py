@@ -1,8 +1,9 @@
 """Per-iteration ops of the implicit backward loop: names and pure-torch references.
 
 The C++ loop (``deq_fast._C.backward_solve``) runs these as the registered ops
-``deq_fast::bwd_*`` (schemas and CPU kernels in ``csrc/backward.cpp``, CUDA kernels in
-``csrc/backward_cuda.cu``, shared per-sample math in ``csrc/backward.h``); the Python reference
+``deq_fast::bwd_*`` (schemas in ``csrc/ops.cpp``, CPU kernels in ``csrc/cpu/backward_ops.cpp``,
+CUDA kernels in ``csrc/cuda/backward_ops.cu``, shared per-sample math in
+``csrc/include/deq_fast/backward_math.h``); the Python reference
 loop (:mod:`deq_fast.implicit.reference`) calls the functions below, which implement the same math
 with plain torch operations and are the oracle the ops are tested against. Every op mutates its
 ``Tensor(a!)`` arguments and returns nothing; shapes: state ``[B, D]``, histories ``[m, B, D]``,
@@ -31,8 +32,8 @@ __all__ = ["OP_NAMES", "BREAKDOWN", "MAX_HISTORY", "anderson_alpha", "bwd_track_
 #: The registered ops, ``deq_fast::<name>``.
 OP_NAMES = ("bwd_track", "bwd_masked_add", "bwd_anderson_mix", "bwd_broyden_step",
             "bwd_gmres_start", "bwd_gmres_arnoldi", "bwd_gmres_update")
-BREAKDOWN = 1e-14   # csrc/backward.h kBreakdown
-MAX_HISTORY = 64    # csrc/backward.h kMaxHistory
+BREAKDOWN = 1e-14   # csrc/include/deq_fast/backward_math.h kBreakdown
+MAX_HISTORY = 64    # csrc/include/deq_fast/backward_math.h kMaxHistory
 
 
 def bwd_track_reference(x, jtx, grad, inv_gnorm, r, best_x, best_rel, active, tol):
@@ -110,7 +111,7 @@ def bwd_gmres_start_reference(r, active, Q, s, kdim, cyc):
 
 
 def _givens_column(j, h, cs, sn, s):
-    """Vectorised copy of csrc/backward.h givens_column; h is [B, j+2] (modified)."""
+    """Vectorised copy of csrc/include/deq_fast/backward_math.h givens_column; h is [B, j+2] (modified)."""
     for i in range(j):
         t = cs[:, i] * h[:, i] + sn[:, i] * h[:, i + 1]
         h[:, i + 1] = -sn[:, i] * h[:, i] + cs[:, i] * h[:, i + 1]

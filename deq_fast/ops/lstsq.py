@@ -15,13 +15,16 @@ Math (per sample ``b``, in float64 whatever the input dtype)::
 
 Fallback (per sample, never raises): if a pivot is <= 0 or not finite, or ``w`` or ``sum(w)`` is
 not finite, or ``|sum(w)| < 1e-300``, then ``alpha`` is one-hot at ``newest`` (a plain fixed-point
-step from the newest history entry).
+step from the newest history entry). This covers the degenerate all-zero Gram matrix (every
+residual of the window is zero; the scaled ridge is then zero and so is the first pivot): the
+forward and the backward solve (``deq_fast.implicit``) both take the one-hot step there.
 
 Output ``alpha``: ``[B, m]`` in ``gram``'s dtype; entries ``n..m-1`` are zero.
 
-Implementations: ``deq_fast._C`` (CPU and CUDA kernels sharing ``csrc/lstsq.h``), the fake (meta)
-kernel registered below, and :func:`anderson_lstsq_reference` in pure torch (fallback and oracle).
-``DEQ_FAST_NO_EXT=1`` (read at every call) forces the reference.
+Implementations: ``deq_fast._C`` (CPU and CUDA kernels sharing
+``csrc/include/deq_fast/anderson_lstsq.h``, which the backward solve uses too), the fake (meta)
+kernel of the op table (``deq_fast/ops/table.py``), and :func:`anderson_lstsq_reference` in pure
+torch (fallback and oracle). ``DEQ_FAST_NO_EXT=1`` (read at every call) forces the reference.
 """
 from __future__ import annotations
 
@@ -96,18 +99,11 @@ def anderson_lstsq_reference(gram: torch.Tensor, n: int, newest: int, lam: float
     return torch.nn.functional.pad(alpha, (0, m - n)).to(gram.dtype)
 
 
-def _fake_anderson_lstsq(gram: torch.Tensor, n: int, newest: int, lam: float,
-                         scaled: bool) -> torch.Tensor:
-    torch._check(1 <= n)
-    torch._check(n <= gram.shape[1])
-    return gram.new_empty((gram.shape[0], gram.shape[1]))
-
-
+# Registrations are static once _C is loaded: look them up once, here, so that the dispatch in
+# anderson_lstsq is a constant dict lookup that torch.compile traces without a graph break.
+# (A CPU-only build has no CUDA kernel: CUDA tensors then take the reference path.) The op's
+# fake kernel is registered with the op table (deq_fast/ops/table.py).
 if extension.load() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CPU"):
-    torch.library.register_fake(OP_NAME)(_fake_anderson_lstsq)
-    # Registrations are static once _C is loaded: look them up once, here, so that the dispatch
-    # in anderson_lstsq is a constant dict lookup that torch.compile traces without a graph break.
-    # (A CPU-only build has no CUDA kernel: CUDA tensors then take the reference path.)
     _HAS_KERNEL = {"cpu": True, "meta": True,
                    "cuda": torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CUDA")}
 else:

@@ -222,7 +222,7 @@ def run(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, opt: Option
         raise ValueError(f"method must be one of {tuple(LOOPS)}, got {opt.method!r}")
     st = _new_state(x0, opt)
     with torch.no_grad():
-        loop(f, x0.clone(), _Tracker(st, opt, get_ops(opt.backend)), _n_evals(opt))
+        loop(f, x0.clone(), _Tracker(st, opt, get_ops(opt.backend, x0.device, x0.dtype)), _n_evals(opt))
     # rows never reached (early stop) repeat the lowest values, as both references pad them
     if st.rows < st.trace.shape[0]:
         st.trace[st.rows:] = st.lowest

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from deq_fast.ops import extension
 from deq_fast.implicit import backward as bw
+from deq_fast.ops.backward import OP_NAMES
 from deq_fast.ops import backward as bwd_ops
 from deq_fast.implicit.backward import implicit_backward, shine_apply
 
@@ -107,7 +108,7 @@ def test_cpp_backend_is_what_runs():
     assert module is not None, extension.extension_status()[1]
     assert hasattr(module, "backward_solve"), (
         "deq_fast._C has no backward_solve: its module init must call "
-        "register_backward_bindings (csrc/backward.h)")
+        "register_backward_bindings (csrc/include/deq_fast/module.h)")
     fz, z, grad, _ = make_problem(2, 5, torch.float64)
     _, info = implicit_backward(fz, z, grad)
     assert info["backend"] == "cpp"
@@ -464,10 +465,15 @@ def test_op_matches_python_reference(name):
 def test_every_op_has_cpu_and_cuda_registration_in_source():
     """The CUDA build check (.ci/cuda_build_check.sh) asserts the registered CUDA kernels; this
     cheap check keeps the op list, the schemas and both registrations in step."""
+    from deq_fast.ops import table
     csrc = Path(__file__).resolve().parents[2] / "csrc"
-    cpp, cu = (csrc / "backward.cpp").read_text(), (csrc / "backward_cuda.cu").read_text()
-    for name in bw._OPS:
-        assert f'm.def("{name}(' in cpp and f'm.impl("{name}", &{name}_cpu)' in cpp
+    schemas = (csrc / "ops.cpp").read_text()
+    cpp = (csrc / "cpu" / "backward_ops.cpp").read_text()
+    cu = (csrc / "cuda" / "backward_ops.cu").read_text()
+    names = [s.name for s in table.OPS if s.name.startswith("bwd_")]
+    assert sorted(names) == sorted(OP_NAMES)
+    for name in names:
+        assert f'm.def("{name}(' in schemas and f'm.impl("{name}", &{name}_cpu)' in cpp
         assert f'm.impl("{name}", &{name}_cuda)' in cu
 
 

@@ -1,6 +1,6 @@
-"""The fused C++ CPU solver ops (``deq_fast::cpu_broyden_dots`` / ``cpu_broyden_update``,
-csrc/solver_cpu.cpp) against their pure-torch references (``deq_fast/ops/broyden.py``), and the
-engine choosing them.
+"""The C++ CPU kernels of the solver ops ``deq_fast::broyden_dots`` / ``broyden_update``
+(csrc/cpu/broyden.cpp, registered as the ops' CPU kernels) against their pure-torch references
+(``deq_fast/ops/broyden.py``), and the engine choosing them.
 
 Fresh random inputs seeded per case; ``D`` below, at and across the C++ tiles (2048) and dot lanes
 (16); empty, partial, full and wrapped rings; stopped and improved samples; a zero previous step
@@ -17,8 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import deq_fast
 from deq_fast.ops import extension
-from deq_fast.ops.dispatch import REFERENCE as R
 from deq_fast.ops.dispatch import get_ops
+from deq_fast.ops.table import REFERENCE as R
 
 pytestmark = pytest.mark.skipif(os.environ.get("DEQ_FAST_NO_EXT") == "1",
                                 reason="DEQ_FAST_NO_EXT=1: the extension is deliberately not used")
@@ -31,6 +31,9 @@ DT_IDS = {torch.float64: "fp64", torch.float32: "fp32"}
 @pytest.fixture(scope="module")
 def C():
     assert extension.load() is not None, extension.extension_status()[1]   # a missing build fails
+    # the op's CPU kernel is the C++ one, not the reference (both give the same numbers)
+    for name in ("deq_fast::broyden_dots", "deq_fast::broyden_update"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
     return torch.ops.deq_fast
 
 
@@ -74,7 +77,7 @@ def test_broyden_dots_equals_reference(C, dtype, B, D, L, n_valid):
            torch.full((B, 4), NAN, dtype=acc)]
     want = [torch.empty(B, D, dtype=dtype), torch.zeros(B, 2, L, dtype=acc),
             torch.empty(B, 4, dtype=acc)]
-    C.cpu_broyden_dots(x, fx, got[0], dx, U, V, got[1], got[2], n_valid)
+    C.broyden_dots.default(x, fx, got[0], dx, U, V, got[1], got[2], n_valid)
     R.broyden_dots(x, fx, want[0], dx, U, V, want[1], want[2], n_valid)
     _assert_close(["g", "ab", "scal"], got, want, TOL[dtype])
 
@@ -105,7 +108,7 @@ def test_broyden_update_equals_reference(C, dtype, B, D, L, n_valid, slot, zero_
     active[0], active[-1] = True, B == 1   # at least one running and (B > 1) one stopped sample
     got = [t.clone() for t in (x, dx, U, V, best)]
     want = [t.clone() for t in (x, dx, U, V, best)]
-    C.cpu_broyden_update(got[0], g, got[1], got[2], got[3], ab, scal, got[4], improved, active,
+    C.broyden_update.default(got[0], g, got[1], got[2], got[3], ab, scal, got[4], improved, active,
                          slot, n_valid)
     R.broyden_update(want[0], g, want[1], want[2], want[3], ab, scal, want[4], improved, active,
                      slot, n_valid)
@@ -117,12 +120,12 @@ def test_bad_arguments_are_refused(C):
     U = torch.zeros(2, 3, 8)
     ab, scal = torch.zeros(2, 2, 3), torch.zeros(2, 4)
     with pytest.raises(RuntimeError, match="n_valid must be in"):
-        C.cpu_broyden_dots(x, x, x.clone(), x, U, U, ab, scal, 4)
+        C.broyden_dots.default(x, x, x.clone(), x, U, U, ab, scal, 4)
     with pytest.raises(RuntimeError, match="accumulation dtype"):
-        C.cpu_broyden_dots(x, x, x.clone(), x, U, U, ab.double(), scal, 1)
+        C.broyden_dots.default(x, x, x.clone(), x, U, U, ab.double(), scal, 1)
     flags = torch.ones(2, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="slot must be in"):
-        C.cpu_broyden_update(x, x, x.clone(), U, U, ab, scal, x.clone(), flags, flags, 3, 1)
+        C.broyden_update.default(x, x, x.clone(), U, U, ab, scal, x.clone(), flags, flags, 3, 1)
 
 
 class _Ops(TorchDispatchMode):
@@ -148,13 +151,13 @@ def test_solve_uses_the_fused_ops_and_equals_the_reference(C, dtype):
     z0 = torch.zeros(4, 300, dtype=dtype)
     with _Ops() as seen:
         fast = deq_fast.solve(f, z0, method="broyden", max_iter=25, tol=0.0, backend="torch")
-    assert {"deq_fast::cpu_broyden_dots", "deq_fast::cpu_broyden_update"} <= seen.names
-    ref_ops = get_ops("torch", fused_cpu=False)
+    assert {"deq_fast::broyden_dots", "deq_fast::broyden_update"} <= seen.names
+    ref_ops = get_ops("torch")                                 # no device: the references
     assert ref_ops.broyden_update.func is R.broyden_update   # the pure table really is pure
     import deq_fast.solvers.engine as engine
     orig = engine.get_ops
     try:
-        engine.get_ops = lambda backend: get_ops(backend, fused_cpu=False)
+        engine.get_ops = lambda backend, device, dtype: get_ops(backend)
         ref = deq_fast.solve(f, z0, method="broyden", max_iter=25, tol=0.0, backend="torch")
     finally:
         engine.get_ops = orig
@@ -165,14 +168,32 @@ def test_solve_uses_the_fused_ops_and_equals_the_reference(C, dtype):
 
 def test_opcheck(C):
     """Schemas (mutated arguments), fake kernels and autograd registration pass torch's checks."""
-    get_ops("torch")   # registers the fake kernels
     B, D, L = 2, 40, 3
     gen = _gen("opcheck")
     U, V = _ring(gen, B, D, L, 2, torch.float32)
     x, fx, dx = (_randn(gen, (B, D), torch.float32) for _ in range(3))
     ab, scal = torch.zeros(B, 2, L), torch.zeros(B, 4)
-    torch.library.opcheck(C.cpu_broyden_dots, (x, fx, torch.empty(B, D), dx, U, V, ab, scal, 2))
+    torch.library.opcheck(C.broyden_dots.default, (x, fx, torch.empty(B, D), dx, U, V, ab, scal, 2))
     flags = torch.tensor([True, False])
-    torch.library.opcheck(C.cpu_broyden_update,
+    torch.library.opcheck(C.broyden_update.default,
                           (x.clone(), fx, dx.clone(), U.clone(), V.clone(), ab, scal, x.clone(),
                            flags, flags, 2, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_other_dtypes_take_the_reference(C, dtype):
+    """The C++ kernels take float32/float64: the torch path calls the reference for the rest,
+    and the C++ kernel refuses them with an error that says so."""
+    ops = get_ops("torch", torch.device("cpu"), dtype)
+    assert ops.broyden_dots.func is R.broyden_dots and ops.broyden_update.func is R.broyden_update
+    fast = get_ops("torch", torch.device("cpu"), torch.float32)
+    assert fast.broyden_dots is C.broyden_dots.default
+    x, U = torch.zeros(2, 8, dtype=dtype), torch.zeros(2, 3, 8, dtype=dtype)
+    with pytest.raises(RuntimeError, match="float32 or float64 for the C\\+\\+ CPU kernel"):
+        C.broyden_dots.default(x, x, x.clone(), x, U, U, torch.zeros(2, 2, 3), torch.zeros(2, 4), 1)
+
+
+def test_no_ext_env_gives_the_references(C, monkeypatch):
+    monkeypatch.setenv("DEQ_FAST_NO_EXT", "1")
+    ops = get_ops("torch", torch.device("cpu"), torch.float32)
+    assert ops.broyden_dots.func is R.broyden_dots

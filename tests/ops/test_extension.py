@@ -66,6 +66,19 @@ def test_import_and_reference_path_without_extension():
         g = torch.randn(3, 4, 9); gram = g @ g.transpose(1, 2)
         a = anderson_lstsq(gram, 4, 1)
         torch.testing.assert_close(a, anderson_lstsq_reference(gram, 4, 1, 1e-4, True))
+        # the solver ops exist without the extension, with the reference as their CPU kernel
+        from deq_fast.ops.dispatch import get_ops
+        from deq_fast.ops.table import REFERENCE
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key("deq_fast::broyden_dots", "CPU")
+        x, fx, sq = torch.randn(2, 5), torch.randn(2, 5), torch.empty(2, 2)
+        torch.ops.deq_fast.residual_norms(x, fx, sq)
+        B, L, D = 2, 3, 5
+        g, ab, scal = torch.empty(B, D), torch.zeros(B, 2, L), torch.empty(B, 4)
+        torch.ops.deq_fast.broyden_dots(x, fx, g, x, torch.zeros(B, L, D), torch.zeros(B, L, D),
+                                        ab, scal, 0)
+        torch.testing.assert_close(g, fx - x)
+        ops = get_ops("torch", torch.device("cpu"), torch.float32)
+        assert ops.broyden_dots.func is REFERENCE.broyden_dots
         print("OK", msg)
     """)
     env = {k: v for k, v in os.environ.items() if k != "DEQ_FAST_NO_EXT"}
@@ -119,6 +132,30 @@ def test_op_rejects_bad_arguments(make, match):
         torch.ops.deq_fast.anderson_lstsq(gram, n, newest, 1e-4, True)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the C++ CUDA kernels "
+                    "cannot run here (their sources are compiled by the nvcc test below)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_every_cpp_cuda_op_equals_its_cpu_op(dtype):
+    """Each op of deq_fast._C with a CUDA kernel against the same op's CPU kernel (the self-test
+    runs the same cases: deq_fast.selftest.run_cpp_cuda_checks)."""
+    from deq_fast.selftest import cpp_cuda_cases, run_cpp_cuda_checks
+    cuda_ops = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names()
+                if n.startswith("deq_fast::")
+                and torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")}
+    assert cuda_ops == set(cpp_cuda_cases(dtype))   # every C++ CUDA op has a case
+    rows = [r for r in run_cpp_cuda_checks() if r[2] == {torch.float32: "fp32"}.get(dtype, "fp64")]
+    assert all(r[5] for r in rows), [r for r in rows if not r[5]]
+
+
+@needs_ext
+def test_cpp_cuda_cases_run_on_cpu():
+    """The cases of the CUDA-vs-CPU check are valid inputs for the CPU kernels (runs everywhere)."""
+    from deq_fast.selftest import cpp_cuda_cases
+    for dtype in (torch.float32, torch.float64):
+        for op, args in cpp_cuda_cases(dtype).items():
+            getattr(torch.ops.deq_fast, op).default(*args)
+
+
 def _nvcc() -> str | None:
     from torch.utils.cpp_extension import CUDA_HOME
     for cand in (shutil.which("nvcc"), CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"),
@@ -129,9 +166,9 @@ def _nvcc() -> str | None:
 
 
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found: the CUDA sources cannot be compiled here")
-@pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cu")))
+@pytest.mark.parametrize("source", sorted(p.relative_to(CSRC).as_posix() for p in CSRC.rglob("*.cu")))
 def test_cuda_source_compiles_for_sm80_sm90(source, tmp_path):
-    """Proves that each csrc/*.cu (kernels, launches, registration, the shared HOST_DEVICE math)
+    """Proves that each csrc/**/*.cu (kernels, launches, registration, the shared HOST_DEVICE math)
     compiles with nvcc to sm_80 and sm_90 cubins against this torch's headers and the flags
     torch.utils.cpp_extension uses for a CUDAExtension.
 
@@ -142,14 +179,14 @@ def test_cuda_source_compiles_for_sm80_sm90(source, tmp_path):
     with a CUDA build of torch; and running on a GPU (python -m deq_fast.selftest on a GPU machine).
     """
     from torch.utils import cpp_extension
-    include = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{CSRC}"]
+    include = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{CSRC / 'include'}"]
     if not any(Path(p, "c10/cuda/impl/cuda_cmake_macros.h").exists()
                for p in cpp_extension.include_paths()):
         stub = tmp_path / "include" / "c10" / "cuda" / "impl"
         stub.mkdir(parents=True)
         (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
         include.append(f"-I{tmp_path / 'include'}")
-    obj = tmp_path / (source + ".o")
+    obj = tmp_path / (source.replace("/", "_") + ".o")
     cmd = [_nvcc(), "-c", str(CSRC / source), "-o", str(obj), *include, "-std=c++20", "-O3",
            *cpp_extension.COMMON_NVCC_FLAGS, "--compiler-options", "-fPIC",
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
@@ -159,6 +196,27 @@ def test_cuda_source_compiles_for_sm80_sm90(source, tmp_path):
     data = obj.read_bytes()
     # the object's fatbinary holds one cubin per -gencode target
     assert b"-arch sm_80" in data and b"-arch sm_90" in data
-    if source == "lstsq_cuda.cu":
+    if source == "cuda/anderson_lstsq.cu":
         for scalar in (b"IfE", b"IdE"):  # float and double instantiations of the kernel
             assert b"anderson_lstsq_kernel" + scalar in data
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_zero_gram_is_one_hot_in_forward_and_backward(dtype):
+    """One decided behaviour (csrc/include/deq_fast/anderson_lstsq.h): a zero Gram matrix (every
+    residual zero) gives the one-hot step at the newest entry in the forward op, its reference and
+    the backward's Anderson update. Negative check: uniform weights would move x to the mean of F."""
+    zero = torch.zeros(2, 4, 4, dtype=dtype)
+    want = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=dtype).expand(2, 4)
+    for fn in (torch.ops.deq_fast.anderson_lstsq, anderson_lstsq_reference):
+        torch.testing.assert_close(fn(zero, 3, 2, 1e-4, True), want, rtol=0, atol=0)
+    B, D, m = 2, 9, 4
+    x = torch.randn(B, D, dtype=dtype)
+    F = torch.randn(m, B, D, dtype=dtype)                         # old slots differ from x
+    G = torch.zeros(m, B, D, dtype=dtype)
+    gram = torch.zeros(B, m, m, dtype=torch.float64)
+    out = x.clone()
+    torch.ops.deq_fast.bwd_anderson_mix(out, torch.zeros_like(x), F, G, gram,
+                                        torch.ones(B, dtype=torch.bool), 2, 3, 1e-4)
+    torch.testing.assert_close(out, x, rtol=0, atol=0)           # x + r with r = 0: F[newest]

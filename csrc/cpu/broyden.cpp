@@ -1,8 +1,10 @@
-// Forward-solver ops fused for the CPU: Broyden's two passes (deq_fast/ops/broyden.py) as one sweep
-// each over the state and the kept history columns.
+// CPU kernels of the forward solver ops deq_fast::broyden_dots / broyden_update: Broyden's two
+// passes (deq_fast/ops/broyden.py) as one sweep each over the state and the kept history columns.
+// The schemas are declared by the Python op table (deq_fast/ops/table.py), because the ops exist
+// without this extension too; this file only registers their CPU kernels.
 //
-//   deq_fast::cpu_broyden_dots    = broyden_dots_reference    (pass 1: g, a = U dx, b = V g, norms)
-//   deq_fast::cpu_broyden_update  = broyden_update_reference  (pass 2: best, u, v, the step)
+//   broyden_dots    = broyden_dots_reference    (pass 1: g, a = U dx, b = V g, norms)
+//   broyden_update  = broyden_update_reference  (pass 2: best, u, v, the step)
 //
 // Layout and meaning as in deq_fast/ops/broyden.py: x, fx, g, dx, best [B, D]; U, V [B, L, D]
 // (H = -I + sum_l U_l V_l^T over the n_valid written slots); ab [B, 2, L] and scal [B, 4] in the
@@ -11,9 +13,10 @@
 // and write zeros to ab beyond it, so both give the same numbers up to rounding. Bytes per
 // iteration: pass 1 (2 n_valid + 4) B D size, pass 2 (2 n_valid + 8) B D size.
 //
-// Python chooses these for CPU float32/float64 states when the extension is built
-// (deq_fast.ops.dispatch); the pure-torch functions stay the reference they are tested against.
-#include "cpu_stream.h"
+// float32/float64 states (other dtypes are rejected with an error: the torch path then calls the
+// reference, see deq_fast/ops/table.py); the pure-torch functions stay the reference they are
+// tested against.
+#include "deq_fast/cpu_stream.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -25,7 +28,7 @@
 #include <vector>
 
 namespace deq_fast {
-namespace solver_cpu {
+namespace broyden_cpu {
 namespace {
 
 using at::Tensor;
@@ -37,6 +40,9 @@ void check_broyden(const Tensor& x, const Tensor& U, const Tensor& V, const Tens
                    const Tensor& scal, int64_t n_valid) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(),
               "x must be a contiguous CPU [B, D] tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "x must be float32 or float64 for the C++ CPU kernel, got ", x.scalar_type(),
+              " (the torch path runs the reference for other dtypes)");
   const int64_t B = x.size(0), D = x.size(1);
   for (const Tensor* t : {&U, &V}) {
     TORCH_CHECK(t->dim() == 3 && t->size(0) == B && t->size(2) == D && t->is_contiguous() &&
@@ -75,7 +81,7 @@ void broyden_dots(const Tensor& x, const Tensor& fx, const Tensor& g, const Tens
   check_like(g, "g", x);
   check_like(dx, "dx", x);
   const int64_t B = x.size(0), D = x.size(1), L = U.size(1);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cpu_broyden_dots", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "broyden_dots_cpu", [&] {
     using acc_t = scalar_t;  // float -> float, double -> double (ab/scal dtype)
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* fp = fx.data_ptr<scalar_t>();
@@ -155,7 +161,7 @@ void broyden_update(const Tensor& x, const Tensor& g, const Tensor& dx, const Te
   check_flags(improved, "improved", B);
   check_flags(active, "active", B);
   TORCH_CHECK(0 <= slot && slot < L, "slot must be in [0, L), got ", slot);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cpu_broyden_update", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "broyden_update_cpu", [&] {
     using acc_t = scalar_t;
     scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = g.data_ptr<scalar_t>();
@@ -220,18 +226,10 @@ void broyden_update(const Tensor& x, const Tensor& g, const Tensor& dx, const Te
 }
 
 }  // namespace
-}  // namespace solver_cpu
+}  // namespace broyden_cpu
 }  // namespace deq_fast
 
-TORCH_LIBRARY_FRAGMENT(deq_fast, m) {
-  m.def("cpu_broyden_dots(Tensor x, Tensor fx, Tensor(a!) g, Tensor dx, Tensor U, Tensor V, "
-        "Tensor(b!) ab, Tensor(c!) scal, int n_valid) -> ()");
-  m.def("cpu_broyden_update(Tensor(a!) x, Tensor g, Tensor(b!) dx, Tensor(c!) U, Tensor(d!) V, "
-        "Tensor ab, Tensor scal, Tensor(e!) best, Tensor improved, Tensor active, int slot, "
-        "int n_valid) -> ()");
-}
-
 TORCH_LIBRARY_IMPL(deq_fast, CPU, m) {
-  m.impl("cpu_broyden_dots", &deq_fast::solver_cpu::broyden_dots);
-  m.impl("cpu_broyden_update", &deq_fast::solver_cpu::broyden_update);
+  m.impl("broyden_dots", &deq_fast::broyden_cpu::broyden_dots);
+  m.impl("broyden_update", &deq_fast::broyden_cpu::broyden_update);
 }

@@ -1,4 +1,5 @@
-// deq_fast::anderson_lstsq: schema, argument checks and the CPU kernel. The math is in lstsq.h.
+// deq_fast::anderson_lstsq: argument checks and the CPU kernel (schema: ops.cpp). The math is
+// include/deq_fast/anderson_lstsq.h.
 // Only ATen / torch/library.h headers: torch/extension.h would cost ~25 s of compile per file.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -6,11 +7,11 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include "lstsq.h"
+#include "deq_fast/anderson_lstsq.h"
+#include "deq_fast/op_checks.h"
 
 namespace deq_fast {
 
-// Shared with lstsq_cuda.cu (declared there): checks that name the offending argument.
 void check_anderson_lstsq_args(const at::Tensor& gram, int64_t n, int64_t newest,
                                c10::DeviceType device_type) {
   TORCH_CHECK(gram.device().type() == device_type, "anderson_lstsq: gram must be on ",
@@ -42,8 +43,11 @@ at::Tensor anderson_lstsq_cpu(const at::Tensor& gram, int64_t n, int64_t newest,
     // ~n^3/3 flops per sample: parallelise over samples only for large batches.
     at::parallel_for(0, batch, 256, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        anderson_lstsq_one<scalar_t>(gram_ptr + b * m * m, m, static_cast<int>(n),
-                                     static_cast<int>(newest), lam, scaled, alpha_ptr + b * m);
+        double work[anderson_lstsq_work_size(kLstsqMaxM)];
+        scalar_t* alpha_b = alpha_ptr + b * m;
+        anderson_lstsq_solve(gram_ptr + b * m * m, m, static_cast<int>(n),
+                             static_cast<int>(newest), lam, scaled, work, alpha_b);
+        for (int i = static_cast<int>(n); i < m; ++i) alpha_b[i] = scalar_t(0);
       }
     });
   });
@@ -51,11 +55,6 @@ at::Tensor anderson_lstsq_cpu(const at::Tensor& gram, int64_t n, int64_t newest,
 }
 
 }  // namespace
-
-// FRAGMENT: other files (backward*.cpp) and Python add ops to the same namespace.
-TORCH_LIBRARY_FRAGMENT(deq_fast, m) {
-  m.def("anderson_lstsq(Tensor gram, int n, int newest, float lam, bool scaled) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(deq_fast, CPU, m) { m.impl("anderson_lstsq", &anderson_lstsq_cpu); }
 

@@ -1,4 +1,4 @@
-// Streaming helpers of the CPU kernels (csrc/backward.cpp, csrc/solver_cpu.cpp): dot products and
+// Streaming helpers of the CPU kernels (cpu/backward_ops.cpp, cpu/broyden.cpp): dot products and
 // linear combinations over history columns. These kernels are bound by memory traffic over the
 // histories: the helpers read each column once per call, in tiles that keep the double
 // accumulators in L1/L2, and are vectorised.

@@ -1,11 +1,12 @@
-// CUDA kernels of the backward linear solve ops (schemas and CPU kernels: backward.cpp).
+// CUDA kernels of the backward linear solve ops deq_fast::bwd_* (schemas: ops.cpp; CPU kernels:
+// cpu/backward_ops.cpp; the loop that calls them: backward/loop.cpp).
 //
 // One thread block per sample (per-sample reductions over D are block reductions in double);
-// thread 0 runs the per-sample small math of backward.h (the same functions as the CPU kernels).
+// thread 0 runs the per-sample small math of deq_fast/backward_math.h (the same functions as the CPU kernels).
 // Every kernel reads and writes each [B, D] operand once per pass; bytes per call, with s the
 // element size: track 5 B D s, anderson_mix (n + 4 + n) B D s, broyden_step about
 // (4 n + 8) B D s, gmres_arnoldi (2 j + 5) B D s, gmres_update (k + 2) B D s.
-#include "backward.h"
+#include "deq_fast/backward_math.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -88,7 +89,7 @@ __global__ void anderson_mix_kernel(scalar_t* __restrict__ x, const scalar_t* __
                                     double* __restrict__ gram, const bool* __restrict__ active,
                                     int64_t B, int64_t D, int m, int slot, int n, double lam) {
   __shared__ double sh[33];
-  __shared__ double work[kMaxHistory * kMaxHistory];
+  __shared__ double work[kAndersonWork];  // 17 KB for m = 64 (was m^2 doubles, 32 KB)
   __shared__ double alpha[kMaxHistory];
   const int64_t b = blockIdx.x, o = b * D, hs = B * D;
   if (!active[b]) return;
@@ -107,7 +108,7 @@ __global__ void anderson_mix_kernel(scalar_t* __restrict__ x, const scalar_t* __
       gb[i * m + slot] = v;
     }
   }
-  if (threadIdx.x == 0) anderson_alpha(n, gb, m, lam, slot, work, alpha);
+  if (threadIdx.x == 0) anderson_lstsq_solve(gb, m, n, slot, lam, /*scaled=*/true, work, alpha);
   __syncthreads();
   for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
     double acc = 0.0;

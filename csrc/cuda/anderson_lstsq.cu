@@ -1,5 +1,6 @@
 // deq_fast::anderson_lstsq: CUDA kernel, one thread per sample (m <= 16, ~m^3/3 flops each; the
-// op is latency-bound and tiny next to the history passes). The math is in lstsq.h.
+// op is latency-bound and tiny next to the history passes). The math is
+// include/deq_fast/anderson_lstsq.h; schema: ops.cpp.
 // Headers: ATen core + c10/cuda only (no ATen/cuda/CUDAContext.h, which drags in cuBLAS/cuSPARSE).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -9,13 +10,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "lstsq.h"
+#include "deq_fast/anderson_lstsq.h"
+#include "deq_fast/op_checks.h"
 
 namespace deq_fast {
-
-// Defined in lstsq.cpp (always part of the same extension).
-void check_anderson_lstsq_args(const at::Tensor& gram, int64_t n, int64_t newest,
-                               c10::DeviceType device_type);
 
 namespace {
 
@@ -27,7 +25,10 @@ __global__ void anderson_lstsq_kernel(const scalar_t* __restrict__ gram_ptr, int
                                       scalar_t* __restrict__ alpha_ptr) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= batch) return;
-  anderson_lstsq_one<scalar_t>(gram_ptr + b * m * m, m, n, newest, lam, scaled, alpha_ptr + b * m);
+  double work[anderson_lstsq_work_size(kLstsqMaxM)];
+  scalar_t* alpha_b = alpha_ptr + b * m;
+  anderson_lstsq_solve(gram_ptr + b * m * m, m, n, newest, lam, scaled, work, alpha_b);
+  for (int i = n; i < m; ++i) alpha_b[i] = scalar_t(0);
 }
 
 at::Tensor anderson_lstsq_cuda(const at::Tensor& gram, int64_t n, int64_t newest, double lam,

@@ -6,8 +6,8 @@
 // residual r(g) = T(g) - g = grad + J^T g - g. Convergence is per sample on
 //     rel(g) = ||r(g)|| / ||grad||.
 //
-// This header is the one copy of the formulas that the CPU kernels (backward.cpp) and the CUDA
-// kernels (backward_cuda.cu) share: everything per sample and O(m^2) or O(m^3) (small solves,
+// This header is the one copy of the formulas that the CPU kernels (cpu/backward_ops.cpp) and the
+// CUDA kernels (cuda/backward_ops.cu) share: everything per sample and O(m^2) or O(m^3) (small solves,
 // Givens rotations, convergence decisions) and the per-element updates. Reductions over D are
 // done by the callers (a sequential loop on CPU, a block reduction on CUDA) in double precision.
 // Small solves are always in double, whatever the state dtype.
@@ -22,11 +22,8 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define DEQ_FAST_HD __host__ __device__ __forceinline__
-#else
-#define DEQ_FAST_HD inline
-#endif
+#include "deq_fast/anderson_lstsq.h"  // the Anderson update's small solve
+#include "deq_fast/host_device.h"
 
 namespace deq_fast {
 namespace backward {
@@ -39,8 +36,6 @@ constexpr int kMaxHistory = 64;
 // (lucky) breakdown: the solution lies in the current Krylov space.
 constexpr double kBreakdown = 1e-14;
 
-DEQ_FAST_HD bool is_finite(double v) { return v - v == 0.0; }
-
 // ---- convergence bookkeeping (all methods) -------------------------------------------------
 // Decision after measuring rel = ||r|| / ||grad|| at iterate x of an active sample:
 //   improve:   x becomes the best iterate (strictly lower finite residual)
@@ -50,7 +45,7 @@ struct TrackDecision {
   bool converged;
 };
 
-DEQ_FAST_HD TrackDecision track_decision(double rel, double best_rel, double tol) {
+DEQ_FAST_HOST_DEVICE inline TrackDecision track_decision(double rel, double best_rel, double tol) {
   TrackDecision d;
   const bool finite = is_finite(rel);
   d.improve = finite && !(rel >= best_rel);  // best_rel starts at +inf (or NaN: never seen)
@@ -59,63 +54,18 @@ DEQ_FAST_HD TrackDecision track_decision(double rel, double best_rel, double tol
 }
 
 // ---- Anderson mixing on the linear map ------------------------------------------------------
-// Given the Gram matrix Gram[i][j] = <G_i, G_j> of the last n residuals (row stride ld), find
-//     alpha = argmin || sum_i alpha_i G_i ||^2 + reg ||alpha||^2   s.t.  sum_i alpha_i = 1,
-//     reg = lam * trace(Gram) / n       (ridge scaled to the Gram matrix: an absolute ridge swamps
-//                                         the Gram matrix once residuals are small and Anderson
-//                                         degrades to damped plain iteration, COMPAT.md B)
-// Closed form: a = (Gram + reg I)^{-1} 1, alpha = a / sum(a); solved by Cholesky in `work`
-// (n*n doubles). If the system is not positive definite or anything is non-finite, alpha falls
-// back to e_newest (a plain fixed-point step), so the result is never NaN.
-DEQ_FAST_HD void anderson_alpha(int n, const double* gram, int ld, double lam, int newest,
-                                double* work, double* alpha) {
-  double trace = 0.0;
-  for (int i = 0; i < n; ++i) trace += gram[i * ld + i];
-  double reg = lam * trace / n;
-  if (!(reg > 0.0)) reg = 1e-300;  // keep the factorisation defined when every residual is zero
-  // Cholesky L L^T = Gram + reg I, L stored in the lower triangle of work.
-  bool ok = is_finite(trace);
-  for (int j = 0; ok && j < n; ++j) {
-    double d = gram[j * ld + j] + reg;
-    for (int k = 0; k < j; ++k) d -= work[j * n + k] * work[j * n + k];
-    if (!(d > 0.0)) { ok = false; break; }
-    const double ljj = sqrt(d);
-    work[j * n + j] = ljj;
-    for (int i = j + 1; i < n; ++i) {
-      double s = gram[i * ld + j];
-      for (int k = 0; k < j; ++k) s -= work[i * n + k] * work[j * n + k];
-      work[i * n + j] = s / ljj;
-    }
-  }
-  double sum = 0.0;
-  if (ok) {
-    // forward solve L y = 1, back solve L^T a = y (a written to alpha)
-    for (int i = 0; i < n; ++i) {
-      double s = 1.0;
-      for (int k = 0; k < i; ++k) s -= work[i * n + k] * alpha[k];
-      alpha[i] = s / work[i * n + i];
-    }
-    for (int i = n - 1; i >= 0; --i) {
-      double s = alpha[i];
-      for (int k = i + 1; k < n; ++k) s -= work[k * n + i] * alpha[k];
-      alpha[i] = s / work[i * n + i];
-    }
-    for (int i = 0; i < n; ++i) sum += alpha[i];
-    ok = is_finite(sum) && sum != 0.0;
-  }
-  if (ok) {
-    for (int i = 0; i < n; ++i) alpha[i] /= sum;
-  } else {
-    for (int i = 0; i < n; ++i) alpha[i] = (i == newest) ? 1.0 : 0.0;
-  }
-}
+// alpha = argmin || sum_i alpha_i G_i ||^2 + reg ||alpha||^2  s.t.  sum_i alpha_i = 1 over the last
+// n residuals is anderson_lstsq_solve (anderson_lstsq.h) with the scaled ridge
+// reg = lam * trace(Gram) / n: an absolute ridge swamps the Gram matrix once residuals are small
+// and Anderson degrades to damped plain iteration (COMPAT.md B).
+constexpr int kAndersonWork = anderson_lstsq_work_size(kMaxHistory);
 
 // ---- GMRES: Givens rotations on the Hessenberg column -----------------------------------------
 // Column j of the Hessenberg matrix, h[0..j+1] (h[j+1] = ||w|| after orthogonalisation), is
 // rotated by the previous rotations (cs[i], sn[i]), i < j; then the rotation that zeroes h[j+1]
 // is formed and applied to h and to the right-hand side s (s[j+1] = -sn s[j], s[j] = cs s[j]).
 // Returns |s[j+1]|: the 2-norm of the residual of the least-squares solution after j+1 steps.
-DEQ_FAST_HD double givens_column(int j, double* h, double* cs, double* sn, double* s) {
+DEQ_FAST_HOST_DEVICE inline double givens_column(int j, double* h, double* cs, double* sn, double* s) {
   for (int i = 0; i < j; ++i) {
     const double t = cs[i] * h[i] + sn[i] * h[i + 1];
     h[i + 1] = -sn[i] * h[i] + cs[i] * h[i + 1];
@@ -141,7 +91,7 @@ DEQ_FAST_HD double givens_column(int j, double* h, double* cs, double* sn, doubl
 // stride ld (R[i + ld * j] = row i, column j), the layout the Givens columns are written in.
 // A zero (or non-finite) pivot truncates the solution at that column (y = 0 there), so a
 // breakdown can never produce NaN.
-DEQ_FAST_HD void back_substitute(int k, const double* R, int ld, const double* s, double* y) {
+DEQ_FAST_HOST_DEVICE inline void back_substitute(int k, const double* R, int ld, const double* s, double* y) {
   for (int i = k - 1; i >= 0; --i) {
     double t = s[i];
     for (int c = i + 1; c < k; ++c) t -= R[i + ld * c] * y[c];
@@ -158,16 +108,7 @@ DEQ_FAST_HD void back_substitute(int k, const double* R, int ld, const double* s
 //     u   = (dx - H dr) / <v, dr>,   H dr = -dr + sum_l u_l <v_l, dr>
 // and the next step is dx = -H r = r - sum_l u_l <v_l, r>. An update whose denominator is zero or
 // non-finite is skipped (the new column is zero, i.e. inert).
-DEQ_FAST_HD bool broyden_denominator_ok(double den) { return is_finite(den) && den != 0.0; }
+DEQ_FAST_HOST_DEVICE inline bool broyden_denominator_ok(double den) { return is_finite(den) && den != 0.0; }
 
 }  // namespace backward
 }  // namespace deq_fast
-
-#if !defined(__CUDACC__) && !defined(__HIPCC__)
-typedef struct _object PyObject;  // same declaration as Python.h
-
-// Adds the backward-solve entry point `backward_solve` (the C++ iteration loop) to the extension
-// module `module` (deq_fast._C); to be called from its PyInit function, which uses the plain
-// C API. Returns 0, or -1 with a Python exception set (C-API convention).
-int register_backward_bindings(PyObject* module);
-#endif
