@@ -112,7 +112,7 @@ def test_cpp_backend_is_what_runs():
     fz, z, grad, _ = make_problem(2, 5, torch.float64)
     _, info = implicit_backward(fz, z, grad)
     assert info["backend"] == "cpp"
-    for name in bw._OPS:
+    for name in OP_NAMES:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"deq_fast::{name}", "CPU")
 
 
@@ -439,7 +439,7 @@ def _op_samples(dtype):
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("name", bw._OPS)
+@pytest.mark.parametrize("name", OP_NAMES)
 def test_opcheck(name, dtype):
     assert bw._cpp_module() is not None, extension.extension_status()[1]
     args = _op_samples(dtype)[name]
