@@ -13,8 +13,17 @@ from types import SimpleNamespace
 __all__ = ["DEQ_IMPLS", "deq_api"]
 
 DEQ_IMPLS = ("deq_fast", "torchdeq")
-_NAMES = ("get_deq", "apply_norm", "reset_norm", "VariationalDropout1d", "VariationalDropout2d",
-          "reset_dropout", "jac_reg")
+# name -> module that defines it, per implementation (both export the same contract)
+_SOURCES = {
+    "deq_fast": {"get_deq": "deq_fast.nn.deq", "apply_norm": "deq_fast.nn.norm",
+                 "reset_norm": "deq_fast.nn.norm", "VariationalDropout1d": "deq_fast.nn.dropout",
+                 "VariationalDropout2d": "deq_fast.nn.dropout",
+                 "reset_dropout": "deq_fast.nn.dropout", "jac_reg": "deq_fast.nn.regularizers"},
+    "torchdeq": {"get_deq": "torchdeq", "apply_norm": "torchdeq.norm",
+                 "reset_norm": "torchdeq.norm", "VariationalDropout1d": "torchdeq.dropout",
+                 "VariationalDropout2d": "torchdeq.dropout", "reset_dropout": "torchdeq.dropout",
+                 "jac_reg": "torchdeq.loss"},
+}
 _cache: dict[str, SimpleNamespace] = {}
 
 
@@ -34,21 +43,11 @@ def deq_api(impl: str = "deq_fast") -> SimpleNamespace:
     if impl not in DEQ_IMPLS:
         raise ValueError(f"deq_impl must be one of {DEQ_IMPLS}, got {impl!r}")
     if impl not in _cache:
-        if impl == "torchdeq":
-            try:
-                tq = importlib.import_module("torchdeq")
-            except ImportError as exc:
-                raise RuntimeError("deq_impl='torchdeq' needs the torchdeq package "
-                                   "(pip install torchdeq)") from exc
-            norm = importlib.import_module("torchdeq.norm")
-            drop = importlib.import_module("torchdeq.dropout")
-            loss = importlib.import_module("torchdeq.loss")
-            _cache[impl] = SimpleNamespace(
-                get_deq=tq.get_deq, apply_norm=norm.apply_norm, reset_norm=norm.reset_norm,
-                VariationalDropout2d=drop.VariationalDropout2d,
-                VariationalDropout1d=drop.VariationalDropout1d,
-                reset_dropout=drop.reset_dropout, jac_reg=loss.jac_reg)
-        else:
-            import deq_fast
-            _cache[impl] = SimpleNamespace(**{n: getattr(deq_fast, n) for n in _NAMES})
+        try:
+            names = {name: getattr(importlib.import_module(module), name)
+                     for name, module in _SOURCES[impl].items()}
+        except ImportError as exc:
+            raise RuntimeError(f"deq_impl={impl!r} needs the {impl} package "
+                               f"(pip install {impl})") from exc
+        _cache[impl] = SimpleNamespace(**names)
     return _cache[impl]

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-import deq_fast
+from deq_fast.nn.deq import get_deq as _native_get_deq
 from deq_fast.solvers.packing import Packer
 
 from .dropout import reset_dropout
@@ -93,7 +93,7 @@ class _EngineDEQ(DEQBase):
     def __init__(self, args: Any = None, **kwargs: Any):
         super().__init__(args, **kwargs)
         b_solver = self.b_solver_name if self.ift else "fixed_point_iter"  # unused without ift
-        self.engine = deq_fast.get_deq(
+        self.engine = _native_get_deq(
             f_solver=self.f_solver_name, b_solver=b_solver, no_stat=self.no_stat,
             f_max_iter=max(self.f_max_iter, 1),   # 0 is handled here (see _skip_solver)
             b_max_iter=self.b_max_iter, f_tol=self.f_tol, b_tol=self.b_tol,
