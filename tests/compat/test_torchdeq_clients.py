@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-torchdeq = pytest.importorskip("torchdeq")
+import torchdeq
 import deq_fast.torchdeq as ours  # noqa: E402
 
 DT = torch.float64

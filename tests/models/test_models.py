@@ -72,7 +72,6 @@ def test_mdeq_deq_fast_matches_torchdeq():
     """Same weights, same fixed-count solver, 1-step phantom gradient: logits and parameter
     gradients agree. (At initialisation the MDEQ's backward fixed-point iteration does not
     contract, so the exact gradient is compared on contractive problems in the DEQ tests.)"""
-    pytest.importorskip("torchdeq")
     ours = _small_mdeq("deq_fast", ift=False, grad=1, grad_mode="phantom")
     ref = _small_mdeq("torchdeq", ift=False, grad=1)
     ref.load_state_dict(ours.state_dict())
@@ -151,7 +150,6 @@ def test_lm_is_causal():
 
 
 def test_lm_deq_fast_matches_torchdeq_and_rejects_long_input():
-    pytest.importorskip("torchdeq")
     kw = dict(f_solver="fixed_point_iter", f_tol=1e-30, ift=False, grad=1)
     ours, ref = _lm(**kw, grad_mode="phantom"), _lm("torchdeq", **kw)
     ref.load_state_dict(ours.state_dict())

@@ -8,7 +8,7 @@ import torch
 
 from deq_fast.nn.regularizers import fp_correction, jac_reg, mixed_init, power_method
 
-torchdeq_loss = pytest.importorskip("torchdeq.loss")
+import torchdeq.loss as torchdeq_loss
 
 
 def _linear_problem(B, D, dtype=torch.float64, seed=0):
