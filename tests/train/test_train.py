@@ -85,6 +85,7 @@ def test_digits_smoke_writes_metrics_checkpoint_plots_and_evaluates(digits_run, 
     assert "--split valid: digits has no validation split" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(digits_run, tmp_path, monkeypatch):
     _Clock(monkeypatch)                                         # 100 s per step
     out = str(tmp_path / "interrupted")
@@ -215,6 +216,7 @@ def _nan_at(step_to_break, monkeypatch, exc=None):
     monkeypatch.setattr(loop, "compute_loss", fake)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skip_and_stop(tmp_path, monkeypatch, capsys, recwarn):
     _nan_at(2, monkeypatch)
     out = str(tmp_path / "skip")
@@ -261,6 +263,7 @@ def test_skip_stops_after_too_many_consecutive_nonfinite_steps(tmp_path, monkeyp
     assert calls["n"] == 6                                      # nothing ran after the stop
 
 
+@pytest.mark.slow
 def test_interrupt_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     _nan_at(5, monkeypatch, exc=KeyboardInterrupt())
     out = str(tmp_path / "int")
@@ -405,6 +408,7 @@ def test_progress_option_and_language_model_perplexity(tmp_path, monkeypatch):
     assert vision == {"loss": "0.500", "nfe": "5.0", "res": "1.0e-01", "acc": "75.0"}
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_stay_in_sync_and_resume(tmp_path):
     out = str(tmp_path / "ddp")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
