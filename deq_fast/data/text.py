@@ -123,6 +123,16 @@ def load_wikitext103(root: str) -> LMData:
         >>> d.vocab_size
         267735
     """
+    paths = _wikitext_paths(root)
+    itos = _wikitext_vocabulary(paths)
+    stoi = {t: i for i, t in enumerate(itos)}
+    train, valid, test = (_encode_lines(p, stoi) for p in paths)
+    return LMData(train, valid, test, len(itos), "wikitext103", itos,
+                  dict(zip(("train", "valid", "test"), paths)))
+
+
+def _wikitext_paths(root: str) -> list[str]:
+    """The train, valid and test files in ``root``; errors name what is missing."""
     if not root:
         raise ValueError("--data_dir is required for wikitext103 (the directory holding "
                          f"{', '.join(WIKITEXT_FILES)})")
@@ -133,14 +143,20 @@ def load_wikitext103(root: str) -> LMData:
     if missing:
         raise FileNotFoundError(f"WikiText-103 data directory {root!r} lacks {', '.join(missing)}; "
                                 f"expected {', '.join(WIKITEXT_FILES)}")
-    paths = [os.path.join(root, f) for f in WIKITEXT_FILES]
+    return [os.path.join(root, f) for f in WIKITEXT_FILES]
+
+
+def _wikitext_vocabulary(paths: list[str]) -> list[str]:
+    """id -> token of the training split (``paths[0]``) by decreasing frequency (ties by token),
+    with ``<eos>`` counted once per line and ``<unk>`` appended if absent; every file is checked
+    (valid UTF-8 text, not empty) before any work is kept."""
     counts: Counter = Counter()
     n_lines = 0
     for tokens in _token_lines(paths[0]):
         counts.update(tokens)
         n_lines += 1
     for path in paths[1:]:
-        for _ in _token_lines(path):   # validate every file before any work is kept
+        for _ in _token_lines(path):
             pass
     for path in paths:
         with open(path, "rb") as fh:
@@ -151,20 +167,18 @@ def load_wikitext103(root: str) -> LMData:
     itos = sorted(counts, key=lambda t: (-counts[t], t))
     if "<unk>" not in counts:
         itos.append("<unk>")
-    stoi = {t: i for i, t in enumerate(itos)}
+    return itos
+
+
+def _encode_lines(path: str, stoi: dict[str, int]) -> torch.Tensor:
+    """The file's tokens as int64 ids, ``<eos>`` after each line, ``<unk>`` for unknown tokens."""
     unk, eos = stoi["<unk>"], stoi["<eos>"]
-
-    def encode(path: str) -> torch.Tensor:
-        out = array("q")
-        for tokens in _token_lines(path):
-            out.extend(stoi.get(t, unk) for t in tokens)
-            out.append(eos)
-        return torch.frombuffer(out, dtype=torch.int64).clone() if len(out) else \
-            torch.zeros(0, dtype=torch.int64)
-
-    train, valid, test = (encode(p) for p in paths)
-    return LMData(train, valid, test, len(itos), "wikitext103", itos,
-                  dict(zip(("train", "valid", "test"), paths)))
+    out = array("q")
+    for tokens in _token_lines(path):
+        out.extend(stoi.get(t, unk) for t in tokens)
+        out.append(eos)
+    return torch.frombuffer(out, dtype=torch.int64).clone() if len(out) else \
+        torch.zeros(0, dtype=torch.int64)
 
 
 def lm_windows(tokens: torch.Tensor, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor,

@@ -85,8 +85,8 @@ def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> VisionData:
         from sklearn.datasets import load_digits as _sk_load_digits
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise RuntimeError(
-            "the embedded digits data set needs scikit-learn (pip install scikit-learn, or "
-            "pip install 'deq_fast[test]'); or pass --data cifar10 --data_dir DIR") from exc
+            "the embedded digits data set needs scikit-learn: pip install \"deq_fast[train]\"; "
+            "or pass --data cifar10 --data_dir DIR") from exc
     bunch = _sk_load_digits()
     images = bunch.images.astype(np.float32) / 16.0          # (1797, 8, 8)
     labels = bunch.target.astype(np.int64)

@@ -1,6 +1,6 @@
 """``python -m deq_fast.train [options]``: the same as ``deq-fast train``."""
 import sys
 
-from deq_fast.train.loop import main
+from deq_fast.train.cli import train_main
 
-sys.exit(main())
+sys.exit(train_main())

@@ -1,5 +1,5 @@
 """The training command: smoke runs of each model, exact resume, bad input, non-finite losses,
-interruption, and a 2-process torchrun run on CPU."""
+interruption, the ``train`` extra, and a 2-process torchrun run on CPU."""
 from __future__ import annotations
 
 import json
@@ -8,14 +8,17 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
+import sklearn  # noqa: F401  (declared test dependency: the embedded digits)
 import torch
 
-from deq_fast.train import loop as train
-
-pytest.importorskip("sklearn")
+from deq_fast import train
+from deq_fast.models import get_config
+from deq_fast.train import cli, loop
+from deq_fast.train.config import TrainConfig, TrainingError, resolve_config, resume_config
+from deq_fast.train.checkpoint import CKPT_NAME, load_checkpoint
+from deq_fast.train.records import EpochStats, atomic_write_bytes
 
 # Small and quick: 6 steps per epoch on the digits, warm-up of 3 steps, short solves.
 FAST = ["--batch_size", "256", "--pretrain_steps", "3", "--f_max_iter", "5", "--b_max_iter", "5",
@@ -31,21 +34,19 @@ def _jsonl(path):
 
 
 class _Clock:
-    """Stands in for the ``time`` module in deq_fast.train: the clock advances 100 s per training
-    step (each call of ``_compute_loss``) and not otherwise, so ``seconds``/``elapsed`` are
-    exact."""
-
-    strftime = staticmethod(time.strftime)
+    """Stands in for the ``time`` module of the training loop: the clock advances 100 s per
+    training step (each call of ``compute_loss``) and not otherwise, so ``seconds``/``elapsed``
+    are exact."""
 
     def __init__(self, monkeypatch):
         self.now = 1000.0
-        real = train._compute_loss
+        real = loop.compute_loss
 
         def loss(*args):
             self.now += 100.0
             return real(*args)
-        monkeypatch.setattr(train, "time", self)
-        monkeypatch.setattr(train, "_compute_loss", loss)
+        monkeypatch.setattr(loop, "time", self)
+        monkeypatch.setattr(loop, "compute_loss", loss)
 
     def time(self):
         return self.now
@@ -71,7 +72,7 @@ def test_digits_smoke_writes_metrics_checkpoint_plots_and_evaluates(digits_run, 
     for png in ("curves.png", "residuals.png"):
         with open(os.path.join(digits_run, png), "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
-    ckpt = train.load_checkpoint(digits_run)
+    ckpt = load_checkpoint(digits_run)
     assert ckpt["step"] == 12 and ckpt["epoch"] == 2 and ckpt["config"]["model"] == "mdeq-digits"
     assert {"model", "optimizer", "scheduler", "rng"} <= set(ckpt)
     assert not [f for f in os.listdir(digits_run) if ".tmp." in f]     # no temp files left
@@ -84,17 +85,14 @@ def test_digits_smoke_writes_metrics_checkpoint_plots_and_evaluates(digits_run, 
     assert "--split valid: digits has no validation split" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(digits_run, tmp_path, monkeypatch):
     _Clock(monkeypatch)                                         # 100 s per step
     out = str(tmp_path / "interrupted")
     assert train.main(FAST + ["--epochs", "2", "--out", out, "--max_steps", "8"]) == 0
-    ckpt = train.load_checkpoint(out)
+    ckpt = load_checkpoint(out)
     assert ckpt["step"] == 8                                    # mid-epoch 2
     assert ckpt["epoch_partial"]["seconds"] == 200.0 and ckpt["elapsed"] == 800.0
-    old_format = str(tmp_path / "old_format")                   # without the partial epoch
-    shutil.copytree(out, old_format)
-    del ckpt["epoch_partial"], ckpt["elapsed"]
-    torch.save(ckpt, os.path.join(old_format, train.CKPT_NAME))
     assert train.main(["--resume", out]) == 0
     full = _jsonl(os.path.join(digits_run, "steps.jsonl"))
     resumed = _jsonl(os.path.join(out, "steps.jsonl"))
@@ -110,10 +108,6 @@ def test_resume_reproduces_the_uninterrupted_run(digits_run, tmp_path, monkeypat
         assert rb[-1][key] == pytest.approx(ra[-1][key], rel=1e-9), key
     assert rb[-1]["skipped"] == ra[-1]["skipped"] == 0
     assert [(r["seconds"], r["elapsed"]) for r in rb] == [(600.0, 600.0), (600.0, 1200.0)]
-    # a checkpoint from before these fields still resumes (its epoch record covers the rest)
-    assert train.main(["--resume", old_format]) == 0
-    rc = _jsonl(os.path.join(old_format, "metrics.jsonl"))
-    assert [r["step"] for r in rc] == [6, 12] and rc[-1]["test_acc"] == ra[-1]["test_acc"]
 
 
 def test_resume_refuses_an_incompatible_configuration(digits_run, tmp_path, capsys):
@@ -124,13 +118,43 @@ def test_resume_refuses_an_incompatible_configuration(digits_run, tmp_path, caps
     assert "--f_solver: checkpoint 'anderson', command line 'broyden'" in err
     assert "--lr" in err
     # a damaged checkpoint is named, never half-loaded
-    path = os.path.join(run, train.CKPT_NAME)
+    path = os.path.join(run, CKPT_NAME)
     with open(path, "rb") as fh:
         raw = fh.read()
     with open(path, "wb") as fh:
         fh.write(raw[: len(raw) // 3])
     assert train.main(["--resume", run]) == 2
     assert "corrupt or truncated" in capsys.readouterr().err
+
+
+def test_config_precedence_and_stored_configurations_are_checked(digits_run):
+    cfg = resolve_config({"model": "deq-lm-small", "lr": 0.5, "out": "o", "resume": "r"})
+    lm_defaults = get_config("deq-lm-small")["train"]
+    assert cfg.lr == 0.5 and cfg.seq_len == lm_defaults["seq_len"] and cfg.seed == 0
+    assert cfg.data == lm_defaults["data"] and "out" not in cfg.to_dict()
+    stored = cfg.to_dict()
+    resumed = resume_config({**stored, "max_steps": 7}, {"epochs": 9, "resume": "r"}, "r")
+    assert resumed.epochs == 9 and resumed.max_steps == 0 and resumed.lr == 0.5
+    with pytest.raises(TrainingError, match=r"ckpt has options this version does not know: "
+                                            r"\['warmup'\]"):
+        TrainConfig.from_dict({**stored, "warmup": 3}, "ckpt")
+    del stored["lr"]
+    with pytest.raises(TrainingError, match="ckpt has an incomplete configuration"):
+        TrainConfig.from_dict(stored, "ckpt")
+    with pytest.raises(TrainingError, match=r"overrides \['f_sovler'\]: not options"):
+        train.evaluate_checkpoint(digits_run, {"f_sovler": "broyden"})
+
+
+@pytest.mark.parametrize("module,dist", [("sklearn", "scikit-learn"),
+                                         ("matplotlib", "matplotlib")])
+def test_missing_train_extra_is_named_before_training(module, dist, tmp_path, monkeypatch,
+                                                      capsys):
+    monkeypatch.setitem(sys.modules, module, None)             # `import module` raises
+    out = str(tmp_path / "o")
+    assert train.main(FAST + ["--out", out]) == 2
+    err = capsys.readouterr().err
+    assert f"needs {dist}" in err and 'pip install "deq_fast[train]"' in err
+    assert not os.path.exists(out)
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -165,7 +189,7 @@ def test_gmres_backward_trains(tmp_path):
 def test_bad_data_or_checkpoint_is_named(argv, match, capsys, tmp_path):
     assert train.main(argv + ["--out", str(tmp_path / "o")]) == 2
     assert match in capsys.readouterr().err
-    assert not os.path.exists(tmp_path / "o" / train.CKPT_NAME)
+    assert not os.path.exists(tmp_path / "o" / CKPT_NAME)
 
 
 def test_corrupt_cifar_file_is_named_before_training(tmp_path, capsys):
@@ -179,7 +203,7 @@ def test_corrupt_cifar_file_is_named_before_training(tmp_path, capsys):
 
 def _nan_at(step_to_break, monkeypatch, exc=None):
     calls = {"n": 0}
-    real = train._compute_loss
+    real = loop.compute_loss
 
     def fake(logits, target, *args):
         calls["n"] += 1
@@ -189,9 +213,10 @@ def _nan_at(step_to_break, monkeypatch, exc=None):
                 raise exc
             return loss * float("nan")
         return loss
-    monkeypatch.setattr(train, "_compute_loss", fake)
+    monkeypatch.setattr(loop, "compute_loss", fake)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skip_and_stop(tmp_path, monkeypatch, capsys, recwarn):
     _nan_at(2, monkeypatch)
     out = str(tmp_path / "skip")
@@ -213,21 +238,21 @@ def test_nonfinite_loss_skip_and_stop(tmp_path, monkeypatch, capsys, recwarn):
     err = capsys.readouterr().err
     assert f"at step 3 (epoch 1, batch 3); stopped (--nonfinite stop); the last checkpoint in " \
         f"{stop} is intact" in err
-    assert train.load_checkpoint(stop)["step"] == 2
+    assert load_checkpoint(stop)["step"] == 2
 
 
 def test_skip_stops_after_too_many_consecutive_nonfinite_steps(tmp_path, monkeypatch, capsys):
     help_text = " ".join(train.build_parser().format_help().split())
-    assert f"stops after {train.MAX_CONSECUTIVE_NONFINITE} consecutive skipped steps" in help_text
-    monkeypatch.setattr(train, "MAX_CONSECUTIVE_NONFINITE", 3)
-    real = train._compute_loss
+    assert f"stops after {loop.MAX_CONSECUTIVE_NONFINITE} consecutive skipped steps" in help_text
+    monkeypatch.setattr(loop, "MAX_CONSECUTIVE_NONFINITE", 3)
+    real = loop.compute_loss
     calls = {"n": 0}
 
     def fake(*args):
         calls["n"] += 1
         loss = real(*args)
         return loss * float("nan") if calls["n"] in (1, 2, 4, 5, 6, 7) else loss
-    monkeypatch.setattr(train, "_compute_loss", fake)
+    monkeypatch.setattr(loop, "compute_loss", fake)
     out = str(tmp_path / "nan")
     assert train.main(FAST + ["--epochs", "2", "--out", out]) == 3
     captured = capsys.readouterr()
@@ -238,36 +263,37 @@ def test_skip_stops_after_too_many_consecutive_nonfinite_steps(tmp_path, monkeyp
     assert calls["n"] == 6                                      # nothing ran after the stop
 
 
+@pytest.mark.slow
 def test_interrupt_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     _nan_at(5, monkeypatch, exc=KeyboardInterrupt())
     out = str(tmp_path / "int")
     assert train.main(FAST + ["--epochs", "1", "--ckpt_every", "2", "--out", out]) == 130
     err = capsys.readouterr().err
     assert f"interrupted; the last checkpoint is intact: continue with --resume {out}\n" in err
-    ckpt = train.load_checkpoint(out)
+    ckpt = load_checkpoint(out)
     assert ckpt["step"] == 4 and ckpt["batch_in_epoch"] == 4
     _nan_at(1, monkeypatch, exc=KeyboardInterrupt())
     early = str(tmp_path / "early")
     assert train.main(FAST + ["--epochs", "1", "--out", early]) == 130
     err = capsys.readouterr().err
     assert f"interrupted; no checkpoint was written yet to {early}; nothing to resume" in err
-    assert "--resume" not in err and not os.path.exists(os.path.join(early, train.CKPT_NAME))
+    assert "--resume" not in err and not os.path.exists(os.path.join(early, CKPT_NAME))
 
 
 @pytest.mark.parametrize("fail", ["fsync", "replace"])
 def test_interrupted_atomic_write_leaves_no_temp_file(tmp_path, monkeypatch, fail):
-    path = tmp_path / train.CKPT_NAME
+    path = tmp_path / CKPT_NAME
     path.write_bytes(b"old")
 
     def boom(*args):
         raise KeyboardInterrupt() if fail == "fsync" else OSError(28, "No space left on device")
     monkeypatch.setattr(os, fail, boom)
     with pytest.raises(KeyboardInterrupt if fail == "fsync" else OSError):
-        train._atomic_write_bytes(str(path), b"new")
+        atomic_write_bytes(str(path), b"new")
     monkeypatch.undo()
-    assert os.listdir(tmp_path) == [train.CKPT_NAME] and path.read_bytes() == b"old"
-    train._atomic_write_bytes(str(path), b"new")
-    assert os.listdir(tmp_path) == [train.CKPT_NAME] and path.read_bytes() == b"new"
+    assert os.listdir(tmp_path) == [CKPT_NAME] and path.read_bytes() == b"old"
+    atomic_write_bytes(str(path), b"new")
+    assert os.listdir(tmp_path) == [CKPT_NAME] and path.read_bytes() == b"new"
 
 
 def test_out_dir_holding_a_run_or_unusable_is_refused(digits_run, tmp_path, capsys):
@@ -377,15 +403,16 @@ def test_progress_option_and_language_model_perplexity(tmp_path, monkeypatch):
     assert len(bars[0].postfixes) == 3
     for post in bars[0].postfixes:
         assert float(post["ppl"]) == pytest.approx(math.exp(float(post["loss"])), rel=2e-3)
-    vision = train._progress_postfix(dict(loss=2.0, n=4, correct=3, count=4, f_nfe=10, steps=2,
-                                          skipped=0, res=0.2, n_solve=2), lm=False)
+    vision = EpochStats(loss=2.0, n=4, correct=3, count=4, f_nfe=10, steps=2, skipped=0, res=0.2,
+                        n_solve=2).progress_postfix(lm=False)
     assert vision == {"loss": "0.500", "nfe": "5.0", "res": "1.0e-01", "acc": "75.0"}
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_stay_in_sync_and_resume(tmp_path):
     out = str(tmp_path / "ddp")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(train.__file__))))]
+        [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(loop.__file__))))]
         + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "deq_fast.train"]
@@ -393,13 +420,13 @@ def test_torchrun_two_processes_stay_in_sync_and_resume(tmp_path):
     r = subprocess.run(cmd + common + ["--max_steps", "3"], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    ckpt = train.load_checkpoint(out)
+    ckpt = load_checkpoint(out)
     assert ckpt["world_size"] == 2 and ckpt["step"] == 3 and len(ckpt["rng"]) == 2
     assert len(set(ckpt["param_digests"])) == 1                 # identical on both ranks
     r = subprocess.run(cmd + ["--resume", out], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    ckpt = train.load_checkpoint(out)
+    ckpt = load_checkpoint(out)
     assert ckpt["step"] == 6 and ckpt["epoch"] == 1 and len(set(ckpt["param_digests"])) == 1
     assert len(_jsonl(os.path.join(out, "metrics.jsonl"))) == 1  # written once, by rank 0
     assert [s["step"] for s in _jsonl(os.path.join(out, "steps.jsonl"))] == list(range(1, 7))
@@ -415,7 +442,6 @@ def test_torchrun_two_processes_stay_in_sync_and_resume(tmp_path):
 
 
 def test_console_script_dispatch(capsys, digits_run):
-    from deq_fast.train import cli
     assert cli.main(["--help"]) == 0 and "train" in capsys.readouterr().out
     assert cli.main(["bogus"]) == 2 and "unknown command 'bogus'" in capsys.readouterr().err
     assert cli.main(["eval", "--ckpt", digits_run]) == 0
