@@ -83,6 +83,7 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=_packages(),
     package_dir={"deq_fast": "deq_fast", "deq_fast.kernels": "kernels"},
+    package_data={"deq_fast": ["py.typed"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
