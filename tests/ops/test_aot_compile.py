@@ -21,6 +21,8 @@ import pytest
 
 import triton  # noqa: F401  (a declared test dependency: imported, never skipped)
 
+pytestmark = pytest.mark.slow   # one ahead-of-time compile of every kernel variant: ~25 s
+
 ARCHS = (80, 90)
 STATE_TYPES = {"fp32": "fp32", "bf16": "fp32", "fp16": "fp32", "fp64": "fp64"}  # state -> acc
 OPS = ("anderson_residual", "anderson_mix", "broyden_dots", "broyden_update", "residual_norms",

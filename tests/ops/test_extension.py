@@ -165,6 +165,7 @@ def _nvcc() -> str | None:
     return None
 
 
+@pytest.mark.slow                       # about a minute per file: nvcc for sm_80 and sm_90
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found: the CUDA sources cannot be compiled here")
 @pytest.mark.parametrize("source", sorted(p.relative_to(CSRC).as_posix() for p in CSRC.rglob("*.cu")))
 def test_cuda_source_compiles_for_sm80_sm90(source, tmp_path):
