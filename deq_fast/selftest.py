@@ -5,7 +5,7 @@ Triton's interpreter (``TRITON_INTERPRET=1``, set here when absent, before Trito
 Prints one row per (op, shape, dtype): the max absolute error against the pure-torch reference
 (``deq_fast/ops``), the tolerance (per dtype, scaled by the reference's magnitude when above 1)
 and PASS/FAIL; then a short end-to-end solve per method with ``backend='triton'`` against
-``backend='torch'``. With ``--timing`` (CUDA only) it adds the time per call of the kernel and of
+``backend='reference'``. With ``--timing`` (CUDA only) it adds the time per call of the kernel and of
 the torch reference. Exit code 0 when every row passes, 1 otherwise, 2 when the kernels cannot run.
 
 Example:
@@ -181,7 +181,7 @@ def run_kernel_checks(device: str, shapes: list, timing: bool = False,
 
 
 def run_solve_checks(device: str) -> list:
-    """A short solve per method with backend 'triton' against 'torch' (float32)."""
+    """A short solve per method with backend 'triton' against 'reference' (float32)."""
     import deq_fast
 
     gen = torch.Generator().manual_seed(0)
@@ -197,7 +197,7 @@ def run_solve_checks(device: str) -> list:
         x0 = torch.zeros(B, D, device=device)
         try:
             got = deq_fast.solve(f, x0, method=method, max_iter=10, tol=1e-5, backend="triton")
-            want = deq_fast.solve(f, x0, method=method, max_iter=10, tol=1e-5, backend="torch")
+            want = deq_fast.solve(f, x0, method=method, max_iter=10, tol=1e-5, backend="reference")
             err = max(_compare(got.z, want.z)[0], _compare(got.rel_trace, want.rel_trace)[0])
             ok = err <= 1e-5 and got.nfe == want.nfe and got.backend == "triton"
         except Exception as exc:

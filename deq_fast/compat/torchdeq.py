@@ -71,7 +71,7 @@ def _solve(method: str, func, x0, max_iter, tol, stop_mode, indexing, return_fin
     info = SolverStat(abs_lowest=st.lowest[:, 0], rel_lowest=st.lowest[:, 1],
                       abs_trace=st.trace[..., 0].t(), rel_trace=st.trace[..., 1].t(),
                       nstep=st.best_step[:, stop_idx], sradius=torch.tensor([-1.0]),
-                      nfe=st.nfe, backend=backend)
+                      nfe=st.nfe, backend=st.backend)
     return z, index_list, info
 
 
@@ -186,7 +186,7 @@ def simple_fixed_point_iter(func: Callable, x0: torch.Tensor, max_iter: int = 50
     reln = absn / (torch.linalg.vector_norm(ff, dim=1) + 1e-8)
     info = SolverStat(abs_lowest=absn, rel_lowest=reln, abs_trace=absn[:, None],
                       rel_trace=reln[:, None], nstep=torch.full_like(absn, float(max_iter)),
-                      sradius=torch.tensor([-1.0]), nfe=max_iter, backend="torch")
+                      sradius=torch.tensor([-1.0]), nfe=max_iter, backend="reference")
     return out, index_list, info
 
 

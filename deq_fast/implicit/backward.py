@@ -44,11 +44,12 @@ the API: validation, start, backend choice, and the fake (shape-only) kernels of
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 from deq_fast.implicit.reference import python_solve
-from deq_fast.ops import extension
+from deq_fast.ops import backends, extension
 from deq_fast.ops.backward import MAX_HISTORY
 
 __all__ = ["implicit_backward", "METHODS", "DEFAULT_METHOD", "shine_apply"]
@@ -82,9 +83,6 @@ METHODS = ("auto", "fixed_point", "anderson", "broyden", "gmres", "shine")
 #: torchdeq's Anderson backward, whose absolute ridge makes it degrade to damped iteration.
 DEFAULT_METHOD = "gmres"
 
-_BACKENDS = ("auto", "cpp", "python")
-
-
 def _cpp_module():
     """The extension module when it provides ``backward_solve`` (and its ops), else None."""
     if not extension.available():
@@ -95,29 +93,21 @@ def _cpp_module():
     return module
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Resolve ``backend`` ("auto" | "cpp" | "python") for state on ``device``.
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """The backward loop for state on ``device``: ``"cpp"`` or ``"reference"`` (one vocabulary
+    with the forward solvers, :mod:`deq_fast.ops.backends`; ``"python"`` is accepted for
+    ``"reference"``, ``None`` reads ``$DEQ_FAST_BACKEND``).
 
     Raises:
         ValueError: unknown backend name.
         RuntimeError: ``"cpp"`` forced but ``deq_fast._C`` (with ``backward_solve``) is not loaded
             or the device is neither CPU nor CUDA.
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "python":
-        return "python"
-    ok = _cpp_module() is not None and device.type in ("cpu", "cuda")
-    if backend == "cpp" and not ok:
-        if device.type not in ("cpu", "cuda"):
-            why = f"the C++ loop runs on CPU or CUDA tensors, got device {device}"
-        elif extension.available():
-            why = ("deq_fast._C has no backward_solve: its module init must call "
-                   "register_backward_bindings (csrc/include/deq_fast/module.h); rebuild the extension")
-        else:
-            why = extension.extension_status()[1]
-        raise RuntimeError(f"backend='cpp' was forced but it cannot run: {why}")
-    return "cpp" if ok else "python"
+    if extension.available() and _cpp_module() is None and backends.requested_backend(backend) == "cpp":
+        raise RuntimeError("backend='cpp' was forced but it cannot run: deq_fast._C has no "
+                           "backward_solve: its module init must call register_backward_bindings "
+                           "(csrc/include/deq_fast/module.h); rebuild the extension")
+    return backends.resolve_backward_backend(device, backend, cpp_ready=_cpp_module() is not None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +196,7 @@ def implicit_backward(fz: torch.Tensor, z: torch.Tensor, grad: torch.Tensor, met
                       max_iter: int = 50, tol: float = 1e-8, init: torch.Tensor | None = None,
                       factors: tuple[torch.Tensor, torch.Tensor] | None = None, m: int = 6,
                       lam: float = 1e-4, restart: int = 20, check_every: int = 4,
-                      backend: str = "auto") -> tuple[torch.Tensor, dict]:
+                      backend: Optional[str] = None) -> tuple[torch.Tensor, dict]:
     """Solve ``g = grad + J^T g`` per sample, ``J = d fz / d z``, by VJPs through autograd.
 
     Methods, start and stopping rule: see the module docstring. The result is each sample's
@@ -223,14 +213,14 @@ def implicit_backward(fz: torch.Tensor, z: torch.Tensor, grad: torch.Tensor, met
         m, lam: Anderson window (1..64); ridge, relative to ``trace(Gram) / n``.
         restart: GMRES restart length and Broyden memory (1..64).
         check_every: iterations between host checks of the convergence flags.
-        backend: ``"cpp"`` (C++ loop, needs ``deq_fast._C``), ``"python"`` (reference loop),
+        backend: ``"cpp"`` (C++ loop, needs ``deq_fast._C``), ``"reference"`` (Python loop),
             ``"auto"`` (``cpp`` when available for the device).
 
     Returns:
         ``(g, info)``: ``g`` is ``[B, D]`` in ``grad``'s dtype; ``info`` has ``nvjp`` (int),
         ``rel_residual`` (``[B]``, ``grad``'s dtype; NaN for ``shine``, which measures nothing),
         ``converged`` (``[B]`` bool; for ``shine``, True where ``grad`` is finite), ``method``
-        (resolved name), ``backend`` (``"cpp"`` | ``"python"``), ``nsync`` (host syncs).
+        (resolved name), ``backend`` (``"cpp"`` | ``"reference"``), ``nsync`` (host syncs).
 
     Example:
         >>> W = 0.5 * torch.eye(4, dtype=torch.float64)
@@ -282,7 +272,7 @@ def _shine_result(shine: torch.Tensor, gnorm: torch.Tensor, finite: torch.Tensor
                   out_dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
     g_out = torch.where(finite[:, None], shine, math.nan).to(out_dtype)
     info = {"nvjp": 0, "rel_residual": torch.full_like(gnorm, math.nan).to(out_dtype),
-            "converged": finite.clone(), "method": "shine", "backend": "python", "nsync": 0}
+            "converged": finite.clone(), "method": "shine", "backend": "reference", "nsync": 0}
     return g_out, info
 
 

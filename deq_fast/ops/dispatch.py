@@ -1,13 +1,13 @@
 """The per-solve table of fused solver ops the engine calls, built from the op table
 (:mod:`deq_fast.ops.table`).
 
-``torch`` backend: per op, the compiled C++ kernel when ``deq_fast._C`` registered one for the
-state's device and dtype (today: ``broyden_dots`` / ``broyden_update`` on CPU float32/float64),
-called as ``torch.ops.deq_fast.<op>`` so the dispatcher picks it; otherwise the pure-torch
-reference, called directly (no dispatcher overhead per call) with a view cache shared for the
-solve. ``DEQ_FAST_NO_EXT=1`` (read at every call) gives the references only.
-``triton`` backend: the registered ops ``torch.ops.deq_fast.*``, whose CUDA kernels (CPU too under
+Implementations (:mod:`deq_fast.ops.backends`): ``reference``: the pure-torch references, called
+directly (no dispatcher overhead per call) with a view cache shared for the solve. ``cpp``: per
+op, the compiled C++ kernel when ``deq_fast._C`` registered one for the state's device and dtype,
+called as ``torch.ops.deq_fast.<op>`` so the dispatcher picks it; the reference otherwise.
+``triton``: the registered ops ``torch.ops.deq_fast.*``, whose CUDA kernels (CPU too under
 ``TRITON_INTERPRET=1``, where no C++ kernel holds the key) are the Triton launchers.
+``ops.ran[name]`` says which of the three each op of the returned table is.
 
 Which kernel runs is decided once per solve from the registrations, never by an ``if`` on a
 tensor's device per call.
@@ -33,28 +33,34 @@ def get_ops(backend: str, device: Optional[torch.device] = None,
     """Namespace of the solver ops (``OP_NAMES``) for a resolved backend, called once per solve.
 
     Args:
-        backend: ``'torch'`` or ``'triton'``.
-        device, dtype: of the solver state; on the torch backend they select the compiled C++
-            kernels that exist for them. ``None`` gives the pure references.
+        backend: ``'reference'``, ``'cpp'`` or ``'triton'`` (resolved by
+            :func:`deq_fast.ops.backends.resolve_backend`).
+        device, dtype: of the solver state; for ``cpp`` they select the compiled C++ kernels that
+            exist for them.
+
+    Returns:
+        a namespace of callables, one per op, and ``ran``: op name -> what runs it.
 
     Raises:
         ValueError: unknown backend.
 
     Example:
-        >>> ops = get_ops("torch", torch.device("cpu"), torch.float32)
-        >>> sorted(vars(ops)) == sorted(OP_NAMES)
+        >>> ops = get_ops("cpp", torch.device("cpu"), torch.float32)
+        >>> sorted(set(vars(ops)) - {"ran"}) == sorted(OP_NAMES)
         True
     """
-    if backend == "torch":
+    if backend in ("reference", "cpp"):
         cache: dict = {}
-        use_cpp = device is not None and extension.available()
-        return types.SimpleNamespace(**{
-            spec.name: (_compiled(spec.name) if use_cpp and _has_cpp(spec, device.type, dtype)
+        use_cpp = backend == "cpp" and device is not None and extension.available()
+        ran = {spec.name: "cpp" if use_cpp and _has_cpp(spec, device.type, dtype) else "reference"
+               for spec in SOLVER_OPS}
+        return types.SimpleNamespace(ran=ran, **{
+            spec.name: (_compiled(spec.name) if ran[spec.name] == "cpp"
                         else functools.partial(spec.reference, cache=cache))
             for spec in SOLVER_OPS})
     if backend == "triton":
         return _registered()
-    raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+    raise ValueError(f"backend must be 'reference', 'cpp' or 'triton', got {backend!r}")
 
 
 def _has_cpp(spec: OpSpec, device_type: str, dtype: Optional[torch.dtype]) -> bool:
@@ -76,4 +82,5 @@ def _compiled(name: str) -> Callable[..., None]:
 @functools.lru_cache(maxsize=None)
 def _registered() -> types.SimpleNamespace:
     register_triton()
-    return types.SimpleNamespace(**{n: getattr(torch.ops.deq_fast, n) for n in OP_NAMES})
+    return types.SimpleNamespace(ran=dict.fromkeys(OP_NAMES, "triton"),
+                                 **{n: getattr(torch.ops.deq_fast, n) for n in OP_NAMES})

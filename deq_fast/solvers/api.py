@@ -37,7 +37,8 @@ class SolveResult:
         nfe: evaluations of ``f`` made.
         factors: Broyden's inverse-Jacobian factors ``(U, V)``, each ``[B, L, D]`` on the flattened
             state: ``H = -I + sum_l U[:, l] V[:, l]^T ≈ (J_f - I)^{-1}``; ``None`` for other methods.
-        method, backend: what ran.
+        method: what ran; backend: what ran its per-iteration passes: ``'reference'`` (pure
+            torch), ``'cpp'`` (C++ CPU kernels) or ``'triton'`` (see :mod:`deq_fast.ops.backends`).
     """
     z: State
     abs_lowest: torch.Tensor
@@ -75,7 +76,8 @@ def solve(f: Callable[[State], State], x0: State, method: str = "anderson", max_
         stop_together: no sample stops before all are under ``tol`` (TorchDEQ's rule). Pass it
             when ``f`` couples the rows of the batch (a graph layer whose rows are nodes, a map
             with batch statistics): freezing a converged row would then change the others.
-        backend: ``'auto'``, ``'torch'`` or ``'triton'`` (default: ``$DEQ_FAST_BACKEND`` or auto).
+        backend: ``'auto'``, ``'reference'``, ``'cpp'`` or ``'triton'`` (default:
+            ``$DEQ_FAST_BACKEND`` or auto; :mod:`deq_fast.ops.backends`).
 
     Returns:
         :class:`SolveResult`. The solve builds no autograd graph and ``z`` is detached, whatever
@@ -101,7 +103,7 @@ def solve(f: Callable[[State], State], x0: State, method: str = "anderson", max_
         nstep=st.best_step[:, stop_idx], converged=st.lowest[:, stop_idx] < tol,
         nonfinite=~torch.isfinite(trace).all(2).all(0),
         abs_trace=trace[..., 0].t(), rel_trace=trace[..., 1].t(), nfe=st.nfe,
-        factors=st.factors, method=method, backend=resolved)
+        factors=st.factors, method=method, backend=st.backend)
 
 
 def _validate_native(method, max_iter, tol, stop_mode, m, lam, tau, memory, check_every) -> None:

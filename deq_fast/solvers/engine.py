@@ -37,7 +37,7 @@ class Options:
     tol: float = 1e-3
     stop_mode: str = "rel"           # 'abs' | 'rel'
     check_every: int = 1             # host looks at the stop flags every k evaluations; 0 = never
-    backend: str = "torch"           # resolved backend ('torch' | 'triton')
+    backend: str = "reference"       # resolved implementation ('reference' | 'cpp' | 'triton')
     m: int = 6                       # Anderson history
     lam: float = 1e-4                # Anderson ridge
     scaled_ridge: bool = True        # ridge relative to the Gram matrix (False: TorchDEQ/locuslab)
@@ -71,6 +71,7 @@ class EngineState:
     n_updates: int = 0               # Broyden rank-1 updates made
     index_list: list = dataclasses.field(default_factory=list)
     index_live: list = dataclasses.field(default_factory=list)
+    backend: str = ""                # what ran the method's main pass ('reference' | 'cpp' | 'triton')
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -210,6 +211,8 @@ def _fixed_point_loop(f: Callable, x: torch.Tensor, tr: _Tracker, n_evals: int) 
 
 
 LOOPS = {"anderson": _anderson_loop, "broyden": _broyden_loop, "fixed_point": _fixed_point_loop}
+#: the pass that carries each method's O(history · D) work: its implementation is reported
+MAIN_PASS = {"anderson": "anderson_residual", "broyden": "broyden_dots", "fixed_point": "residual_norms"}
 
 
 def run(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, opt: Options) -> EngineState:
@@ -221,8 +224,10 @@ def run(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, opt: Option
     if loop is None:
         raise ValueError(f"method must be one of {tuple(LOOPS)}, got {opt.method!r}")
     st = _new_state(x0, opt)
+    ops = get_ops(opt.backend, x0.device, x0.dtype)
+    st.backend = ops.ran[MAIN_PASS[opt.method]]
     with torch.no_grad():
-        loop(f, x0.clone(), _Tracker(st, opt, get_ops(opt.backend, x0.device, x0.dtype)), _n_evals(opt))
+        loop(f, x0.clone(), _Tracker(st, opt, ops), _n_evals(opt))
     # rows never reached (early stop) repeat the lowest values, as both references pad them
     if st.rows < st.trace.shape[0]:
         st.trace[st.rows:] = st.lowest

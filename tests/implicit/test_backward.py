@@ -24,7 +24,7 @@ ITERATIVE = ("fixed_point", "anderson", "broyden", "gmres")
 # a missing build is a failure, not a skip (CI builds the extension); only an explicit opt-out skips
 needs_ext = pytest.mark.skipif(os.environ.get("DEQ_FAST_NO_EXT") == "1",
                                reason="DEQ_FAST_NO_EXT=1: the extension is deliberately not used")
-BACKENDS = [pytest.param("python", id="python"), pytest.param("cpp", id="cpp", marks=needs_ext)]
+BACKENDS = [pytest.param("reference", id="reference"), pytest.param("cpp", id="cpp", marks=needs_ext)]
 # tolerance on the solve -> bound on the error against the dense solution (condition number ~10)
 TOL = {torch.float64: (1e-11, 1e-8), torch.float32: (1e-6, 1e-4)}
 
@@ -92,7 +92,7 @@ def test_cpp_equals_python(method, dtype, B, D):
     CPU kernels' blocked dots (256) and tiled history sweeps (2048) with ragged tails."""
     fz, z, grad, _ = make_problem(B, D, dtype, rho=0.95, seed=7)
     kw = dict(method=method, tol=0.0, max_iter=23, m=4, restart=6, check_every=3)
-    g_py, i_py = implicit_backward(fz, z, grad, backend="python", **kw)
+    g_py, i_py = implicit_backward(fz, z, grad, backend="reference", **kw)
     g_cpp, i_cpp = implicit_backward(fz, z, grad, backend="cpp", **kw)
     assert i_py["nvjp"] == i_cpp["nvjp"] == 23
     assert i_py["nsync"] == i_cpp["nsync"]
@@ -122,7 +122,7 @@ def test_forced_cpp_without_extension_raises(monkeypatch):
     with pytest.raises(RuntimeError, match="backend='cpp'"):
         implicit_backward(fz, z, grad, backend="cpp")
     g, info = implicit_backward(fz, z, grad, tol=1e-11)  # auto: the Python reference
-    assert info["backend"] == "python" and rel_err(g, ref) <= 1e-8
+    assert info["backend"] == "reference" and rel_err(g, ref) <= 1e-8
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -508,3 +508,20 @@ def test_backward_anderson_degenerate_gram_is_one_hot_at_newest():
     bwd_ops.bwd_anderson_mix_reference(x, r, F, G, gram, torch.ones(B, dtype=torch.bool), 1, 3,
                                        1e-4)
     torch.testing.assert_close(x, x_before)               # F[1] = x + 0, one-hot at slot 1
+
+
+def test_backend_vocabulary_is_shared_with_the_forward(monkeypatch):
+    """One vocabulary: ``python`` is the old name of ``reference``; ``$DEQ_FAST_BACKEND`` applies to
+    the backward too; ``triton`` (forward only) leaves the backward to ``auto``."""
+    W = 0.5 * torch.eye(4, dtype=torch.float64)
+    z = torch.zeros(2, 4, dtype=torch.float64, requires_grad=True)
+    fz = z @ W.T
+    grad = torch.ones(2, 4, dtype=torch.float64)
+    assert implicit_backward(fz, z, grad, backend="python")[1]["backend"] == "reference"
+    monkeypatch.setenv("DEQ_FAST_BACKEND", "reference")
+    assert implicit_backward(fz, z, grad)[1]["backend"] == "reference"
+    monkeypatch.setenv("DEQ_FAST_BACKEND", "triton")
+    expected = "cpp" if extension.available() else "reference"
+    assert implicit_backward(fz, z, grad)[1]["backend"] == expected
+    with pytest.raises(ValueError, match="backend must be one of"):
+        implicit_backward(fz, z, grad, backend="cuda")

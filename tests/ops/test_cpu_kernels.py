@@ -152,12 +152,13 @@ def test_solve_uses_the_fused_ops_and_equals_the_reference(C, dtype):
     with _Ops() as seen:
         fast = deq_fast.solve(f, z0, method="broyden", max_iter=25, tol=0.0, backend="torch")
     assert {"deq_fast::broyden_dots", "deq_fast::broyden_update"} <= seen.names
-    ref_ops = get_ops("torch")                                 # no device: the references
+    assert fast.backend == "cpp"                               # reported as what ran
+    ref_ops = get_ops("reference", torch.device("cpu"), dtype)
     assert ref_ops.broyden_update.func is R.broyden_update   # the pure table really is pure
     import deq_fast.solvers.engine as engine
     orig = engine.get_ops
     try:
-        engine.get_ops = lambda backend, device, dtype: get_ops(backend)
+        engine.get_ops = lambda backend, device, dtype: get_ops("reference", device, dtype)
         ref = deq_fast.solve(f, z0, method="broyden", max_iter=25, tol=0.0, backend="torch")
     finally:
         engine.get_ops = orig
@@ -184,9 +185,9 @@ def test_opcheck(C):
 def test_other_dtypes_take_the_reference(C, dtype):
     """The C++ kernels take float32/float64: the torch path calls the reference for the rest,
     and the C++ kernel refuses them with an error that says so."""
-    ops = get_ops("torch", torch.device("cpu"), dtype)
+    ops = get_ops("cpp", torch.device("cpu"), dtype)
     assert ops.broyden_dots.func is R.broyden_dots and ops.broyden_update.func is R.broyden_update
-    fast = get_ops("torch", torch.device("cpu"), torch.float32)
+    fast = get_ops("cpp", torch.device("cpu"), torch.float32)
     assert fast.broyden_dots is C.broyden_dots.default
     x, U = torch.zeros(2, 8, dtype=dtype), torch.zeros(2, 3, 8, dtype=dtype)
     with pytest.raises(RuntimeError, match="float32 or float64 for the C\\+\\+ CPU kernel"):
@@ -195,5 +196,5 @@ def test_other_dtypes_take_the_reference(C, dtype):
 
 def test_no_ext_env_gives_the_references(C, monkeypatch):
     monkeypatch.setenv("DEQ_FAST_NO_EXT", "1")
-    ops = get_ops("torch", torch.device("cpu"), torch.float32)
+    ops = get_ops("cpp", torch.device("cpu"), torch.float32)
     assert ops.broyden_dots.func is R.broyden_dots

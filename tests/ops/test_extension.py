@@ -77,7 +77,7 @@ def test_import_and_reference_path_without_extension():
         torch.ops.deq_fast.broyden_dots(x, fx, g, x, torch.zeros(B, L, D), torch.zeros(B, L, D),
                                         ab, scal, 0)
         torch.testing.assert_close(g, fx - x)
-        ops = get_ops("torch", torch.device("cpu"), torch.float32)
+        ops = get_ops("cpp", torch.device("cpu"), torch.float32)
         assert ops.broyden_dots.func is REFERENCE.broyden_dots
         print("OK", msg)
     """)

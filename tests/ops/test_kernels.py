@@ -425,7 +425,7 @@ def test_solve_triton_equals_torch(method, dtype):
     got = deq_fast.solve(f, x0, backend="triton", **kw)
     want = deq_fast.solve(f, x0, backend="torch", **kw)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
-    assert got.backend == "triton" and want.backend == "torch"
+    assert got.backend == "triton" and want.backend in ("cpp", "reference")
     assert got.nfe == want.nfe
     assert max_err(got.z, want.z) <= tol
     assert max_err(got.rel_trace, want.rel_trace) <= tol
@@ -446,7 +446,7 @@ def test_torchdeq_api_triton_equals_torch(solver, monkeypatch):
     z_t, traj_t, info_t = fn(f, x0, max_iter=8, tol=1e-5)
     monkeypatch.setenv("DEQ_FAST_BACKEND", "torch")
     z_r, traj_r, info_r = fn(f, x0, max_iter=8, tol=1e-5)
-    assert info_t["backend"] == "triton" and info_r["backend"] == "torch"
+    assert info_t["backend"] == "triton" and info_r["backend"] in ("cpp", "reference")
     assert max_err(z_t, z_r) <= 1e-5
     assert max_err(info_t["rel_lowest"], info_r["rel_lowest"]) <= 1e-5
 

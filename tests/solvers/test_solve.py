@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import deq_fast
+from deq_fast.ops import table
+from deq_fast.solvers.engine import MAIN_PASS
 from deq_fast.profiling import OpCounter
 
 METHODS = ["anderson", "broyden", "fixed_point"]
@@ -29,7 +31,9 @@ def test_converges_to_the_fixed_point(method):
                          max_iter=BUDGET[method], tol=1e-10)
     assert res.converged.all() and not res.nonfinite.any()
     torch.testing.assert_close(res.z, z_star, atol=1e-8, rtol=0)
-    assert res.method == method and res.backend == "torch"
+    main_pass = table.OPS_BY_NAME[MAIN_PASS[method]]
+    assert res.method == method
+    assert res.backend == ("cpp" if table.has_kernel(main_pass, "cpu") else "reference")
     assert res.abs_trace.shape[0] == 3 and res.nfe <= BUDGET[method] + 1
 
 
@@ -190,3 +194,22 @@ def test_stopped_samples_keep_finite_broyden_factors():
                          check_every=4)          # stopped samples iterate on until the next look
     assert res.converged.all() and res.nfe > res.nstep.max() + 1
     assert torch.isfinite(res.factors[0]).all() and torch.isfinite(res.factors[1]).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_backend_names_what_ran(method, monkeypatch):
+    """One vocabulary (reference | cpp | triton); the result reports what ran, and the old names
+    (``torch``, ``DEQ_FAST_NO_EXT=1``) keep working."""
+    f, _ = linear_problem(2, 6)
+    x0 = torch.zeros(2, 6, dtype=torch.float64)
+    assert deq_fast.solve(f, x0, method=method, backend="reference").backend == "reference"
+    cpp = deq_fast.solve(f, x0, method=method, backend="cpp")
+    has = table.has_kernel(table.OPS_BY_NAME[MAIN_PASS[method]], "cpu")
+    assert cpp.backend == ("cpp" if has else "reference")
+    assert deq_fast.solve(f, x0, method=method, backend="torch").backend == cpp.backend
+    torch.testing.assert_close(cpp.z, deq_fast.solve(f, x0, method=method, backend="reference").z,
+                               atol=1e-10, rtol=0)
+    monkeypatch.setenv("DEQ_FAST_NO_EXT", "1")
+    assert deq_fast.solve(f, x0, method=method).backend == "reference"
+    with pytest.raises(RuntimeError, match="backend 'cpp' was forced"):
+        deq_fast.solve(f, x0, method=method, backend="cpp")
