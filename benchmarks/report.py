@@ -17,8 +17,8 @@ problems and TorchDEQ-contract calls as the pytest-benchmark groups, ``tol=0``):
 * ``max |dz|``: the largest difference between the two libraries' solutions (same problem).
 
 Then the same counts for deq_fast's locuslab-style API (``deq_fast.anderson``/``broyden``; no
-baseline package is installed for it) and the native ``deq_fast.solve`` (``check_every=4`` and
-``check_every=0``), and Broyden's state with a bounded memory (``solve(..., memory=8)``).
+baseline package is installed for it) and the native ``deq_fast.solve`` (``check_every=1``, the
+default, and ``check_every=0``), and Broyden's state with a bounded memory (``solve(..., memory=8)``).
 
 Run::
 
@@ -139,7 +139,7 @@ def ours_only(size_name: str, device: str) -> list[dict]:
         "deq_fast.broyden (locuslab)": lambda fc, n: deq_fast.broyden(fc, x0, threshold=n, eps=0.0),
     }
     for method in METHODS:
-        for every in (4, 0):
+        for every in (1, 0):
             calls[f"deq_fast.solve({method!r}, check_every={every})"] = (
                 lambda fc, n, method=method, every=every:
                 deq_fast.solve(fc, x0, method=method, max_iter=n, tol=0.0, check_every=every))
