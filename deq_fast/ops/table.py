@@ -118,11 +118,13 @@ OPS: tuple[OpSpec, ...] = (
     OpSpec("anderson_residual",
            "(Tensor x, Tensor fx, Tensor(a!) F, Tensor(b!) G, Tensor(c!) gram, Tensor(d!) sq, "
            "int slot) -> ()",
-           anderson_residual_reference, triton="anderson_residual", triton_fits=_anderson_fits),
+           anderson_residual_reference, triton="anderson_residual", triton_fits=_anderson_fits,
+           cpp=("CPU",)),  # csrc/cpu/anderson.cpp
     OpSpec("anderson_mix",
            "(Tensor F, Tensor G, Tensor gram, Tensor(a!) x, Tensor(b!) best, Tensor improved, "
            "int n, int newest, float lam, bool scaled, float beta, bool keep_f) -> ()",
-           anderson_mix_reference, triton="anderson_mix", triton_fits=_anderson_mix_fits),
+           anderson_mix_reference, triton="anderson_mix", triton_fits=_anderson_mix_fits,
+           cpp=("CPU",)),  # csrc/cpu/anderson.cpp
     OpSpec("broyden_dots",
            "(Tensor x, Tensor fx, Tensor(a!) g, Tensor dx, Tensor U, Tensor V, Tensor(b!) ab, "
            "Tensor(c!) scal, int n_valid) -> ()",
@@ -133,16 +135,20 @@ OPS: tuple[OpSpec, ...] = (
            "int n_valid) -> ()",
            broyden_update_reference, triton="broyden_update", cpp=("CPU",)),
     OpSpec("residual_norms", "(Tensor x, Tensor fx, Tensor(a!) sq, float tau=1.0) -> ()",
-           residual_norms_reference, triton="residual_norms"),
+           residual_norms_reference, triton="residual_norms",
+           cpp=("CPU",)),  # csrc/cpu/fixed_point.cpp
     OpSpec("fixed_point_advance",
            "(Tensor(a!) x, Tensor fx, Tensor(b!) best, Tensor improved, Tensor active, "
            "float tau=1.0) -> ()",
-           fixed_point_advance_reference, triton="fixed_point_advance"),
+           fixed_point_advance_reference, triton="fixed_point_advance",
+           cpp=("CPU",)),  # csrc/cpu/fixed_point.cpp
     OpSpec("track_status",
            "(Tensor sq, Tensor(a!) lowest, Tensor(b!) best_step, Tensor(c!) trace, "
            "Tensor(d!) active, Tensor(e!) improved, int t, float step, float tol, int stop_idx, "
            "bool whole_batch, bool stop_together, bool always_update, float rel_eps) -> ()",
-           track_status_reference, triton="track_status"),
+           track_status_reference, triton="track_status", cpp=("CPU",),   # csrc/cpu/status.cpp
+           # it reads and writes only the accumulation-dtype bookkeeping (float32 for half states)
+           cpp_dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64)),
     # ---- Anderson's small solve (csrc/include/deq_fast/anderson_lstsq.h; deq_fast/ops/lstsq.py)
     OpSpec("anderson_lstsq", None, anderson_lstsq_reference, fake=_fake_anderson_lstsq,
            cpp=("CPU", "CUDA")),
