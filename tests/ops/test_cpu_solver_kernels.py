@@ -368,12 +368,12 @@ def test_bad_arguments_are_refused(C):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_other_dtypes_take_the_reference(C, dtype):
-    ops = get_ops("torch", torch.device("cpu"), dtype)
+    ops = get_ops("cpp", torch.device("cpu"), dtype)
     for name in ("anderson_residual", "anderson_mix", "residual_norms", "fixed_point_advance"):
         assert getattr(ops, name).func is getattr(R, name), name
     # track_status touches only the float32 bookkeeping of a half state: its C++ kernel stays
     assert ops.track_status is C.track_status.default
-    fast = get_ops("torch", torch.device("cpu"), torch.float32)
+    fast = get_ops("cpp", torch.device("cpu"), torch.float32)
     for name in OPS:
         assert getattr(fast, name) is getattr(C, name).default, name
     x = torch.zeros(2, 8, dtype=dtype)
@@ -383,7 +383,7 @@ def test_other_dtypes_take_the_reference(C, dtype):
 
 def test_no_ext_env_gives_the_references(C, monkeypatch):
     monkeypatch.setenv("DEQ_FAST_NO_EXT", "1")
-    ops = get_ops("torch", torch.device("cpu"), torch.float32)
+    ops = get_ops("cpp", torch.device("cpu"), torch.float32)
     for name in OPS:
         assert getattr(ops, name).func is getattr(R, name), name
 
@@ -402,7 +402,7 @@ def _reference_solve(solve):
     import deq_fast.solvers.engine as engine
     orig = engine.get_ops
     try:
-        engine.get_ops = lambda backend, device, dtype: get_ops(backend)   # the references only
+        engine.get_ops = lambda backend, device, dtype: get_ops("reference", device, dtype)
         return solve()
     finally:
         engine.get_ops = orig
