@@ -174,8 +174,11 @@ def get_deq(args: Any = None, **kwargs: Any) -> nn.Module:
     """The DEQ module for TorchDEQ's options (see the module doc); ``kwargs`` override ``args``.
 
     Example:
+        >>> W = 0.3 * torch.randn(8, 8) / 8 ** 0.5; x = torch.randn(4, 8)
         >>> deq = get_deq(f_solver="anderson", f_max_iter=20)      # phantom gradient, grad=1
-        >>> z_out, info = deq(lambda z: torch.tanh(W @ z + x), torch.zeros(8, 1))
+        >>> z_out, info = deq(lambda z: torch.tanh(z @ W + x), torch.zeros(4, 8))
+        >>> len(z_out), z_out[-1].shape
+        (1, torch.Size([4, 8]))
     """
     cfg = DEQConfig(args)
     cfg.update(**kwargs)
