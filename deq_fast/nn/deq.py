@@ -51,8 +51,16 @@ from torch import nn
 
 from deq_fast.compat.torchdeq import get_solver
 from deq_fast.implicit.backward import METHODS as BACKWARD_METHODS
-from deq_fast.implicit.grad import (BackwardConfig, BackwardNotConverged, GradMethod, GradSpec,
-                                    ImplicitGrad, grad_plan, needs_grad_beyond, phantom_grad)
+from deq_fast.implicit.grad import (
+    BackwardConfig,
+    BackwardNotConverged,
+    GradMethod,
+    GradSpec,
+    ImplicitGrad,
+    grad_plan,
+    needs_grad_beyond,
+    phantom_grad,
+)
 from deq_fast.nn.dropout import reset_dropout
 from deq_fast.nn.norm import reset_norm
 from deq_fast.nn.options import CORES, GRAD_MODES, parse_options, sample_steps

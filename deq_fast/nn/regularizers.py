@@ -3,7 +3,6 @@ mixed initialisation. Same names, arguments and results as ``torchdeq`` 0.1.0, w
 fixed (noted per function)."""
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import torch

@@ -32,11 +32,11 @@ from deq_fast.solvers.packing import Packer
 
 from .dropout import reset_dropout
 from .grad import backward_factory, make_pair
-from .loss import power_method
+from .loss import power_method as power_method  # torchdeq.core's namespace
 from .norm import reset_norm
 from .solver import get_solver
 from .utils.config import DEQConfig
-from .utils.layer_utils import deq_decorator
+from .utils.layer_utils import deq_decorator as deq_decorator  # torchdeq.core's namespace
 
 __all__ = ["get_deq", "reset_deq", "register_deq", "DEQSliced", "DEQIndexing"]
 

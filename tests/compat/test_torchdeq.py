@@ -6,11 +6,10 @@ import zlib
 
 import pytest
 import torch
+import torchdeq.solver as torchdeq_solver
 
 import deq_fast
 from deq_fast.profiling import OpCounter, per_iteration
-
-import torchdeq.solver as torchdeq_solver
 
 ATOL = 1e-4
 SOLVERS = ["anderson", "broyden", "fixed_point_iter"]

@@ -7,16 +7,15 @@ Forward statistics must be equal and parameter gradients within 1e-5 relative.
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib
 import inspect
 import pkgutil
 
 import pytest
 import torch
+import torchdeq
 from torch import nn
 
-import torchdeq
 import deq_fast.torchdeq as ours  # noqa: E402
 
 DT = torch.float64
@@ -76,8 +75,10 @@ def _compare(build, run, argv=(), steps=1):
         for key in ("nstep", "abs_lowest", "rel_lowest"):
             torch.testing.assert_close(info_m[key].to(DT), info_r[key].to(DT), rtol=1e-6,
                                        atol=1e-9, msg=f"info[{key!r}]")
-        ref.zero_grad(); mine.zero_grad()
-        loss_r.backward(); loss_m.backward()
+        ref.zero_grad()
+        mine.zero_grad()
+        loss_r.backward()
+        loss_m.backward()
         pr, pm = dict(ref.named_parameters()), dict(mine.named_parameters())
         assert pr.keys() == pm.keys()
         for name in pr:

@@ -14,11 +14,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from deq_fast.ops import extension
 from deq_fast.implicit import backward as bw
+from deq_fast.implicit.backward import implicit_backward
+from deq_fast.ops import backward as bwd_ops, extension
 from deq_fast.ops.backward import OP_NAMES
-from deq_fast.ops import backward as bwd_ops
-from deq_fast.implicit.backward import implicit_backward, shine_apply
 
 ITERATIVE = ("fixed_point", "anderson", "broyden", "gmres")
 # a missing build is a failure, not a skip (CI builds the extension); only an explicit opt-out skips

@@ -25,7 +25,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import triton  # noqa: F401  (a declared test dependency: imported, never skipped)
+import triton  # noqa: E402, F401  (a declared test dependency: imported, never skipped)
 
 import deq_fast  # noqa: E402
 import deq_fast.kernels as K  # noqa: E402

@@ -7,8 +7,7 @@ import os
 import pytest
 import torch
 
-from deq_fast.ops import extension
-from deq_fast.ops import lstsq
+from deq_fast.ops import extension, lstsq
 from deq_fast.ops.lstsq import anderson_lstsq, anderson_lstsq_reference
 
 # The built op is tested unless the run explicitly opted out of the extension.

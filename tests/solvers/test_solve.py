@@ -38,7 +38,8 @@ def test_a_sample_does_not_depend_on_the_batch(method):
     """Per-sample norms and stopping: solving a sample alone gives the same answer and step."""
     g = torch.Generator().manual_seed(4)
     W = torch.randn(12, 12, generator=g, dtype=torch.float64) / 12 ** 0.5 * 0.7
-    b = torch.randn(5, 12, generator=g, dtype=torch.float64) * torch.tensor([0.01, 1, 3, 0.1, 10.0])[:, None].double()
+    scales = torch.tensor([0.01, 1, 3, 0.1, 10.0]).double()   # float32 values, as before
+    b = torch.randn(5, 12, generator=g, dtype=torch.float64) * scales[:, None]
     f = lambda z: torch.tanh(z @ W.T + b[: z.shape[0]] if z.shape[0] == 5 else z @ W.T + b[2:3])  # noqa: E731
     full = deq_fast.solve(f, torch.zeros(5, 12, dtype=torch.float64), method=method, tol=1e-6, max_iter=60)
     alone = deq_fast.solve(f, torch.zeros(1, 12, dtype=torch.float64), method=method, tol=1e-6, max_iter=60)
