@@ -6,20 +6,11 @@ import torch
 
 import deq_fast
 from deq_fast.profiling import OpCounter
+from deq_fast.testing import linear_problem
 
 METHODS = ["anderson", "broyden", "fixed_point"]
 # fixed point contracts at rate 0.6 here: it needs more iterations than the accelerated methods
 BUDGET = {"anderson": 60, "broyden": 40, "fixed_point": 80}
-
-
-def linear_problem(B, D, radius=0.6, seed=0, dtype=torch.float64):
-    """f(z) = A z + c per sample with ||A|| = radius: the exact fixed point is known."""
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
-    A = (radius * Q).to(dtype)
-    c = torch.randn(B, D, generator=g, dtype=torch.float64).to(dtype)
-    z_star = torch.linalg.solve(torch.eye(D, dtype=torch.float64) - Q * radius, c.double().T).T
-    return (lambda z: z @ A.T + c), z_star
 
 
 @pytest.mark.parametrize("method", METHODS)
