@@ -10,9 +10,9 @@ Extension (``deq_fast._C``):
     * the op schemas (``csrc/ops.cpp``), the module init, the backward loop (``csrc/backward/``) and
       the CPU kernels (``csrc/cpu/``): every ``csrc/**/*.cpp`` (always); headers in
       ``csrc/include/deq_fast/`` (included as ``"deq_fast/..."``);
-    * plus every ``csrc/**/*.cu`` (``csrc/cuda/``; CUDAExtension) when the installed torch is a CUDA build and nvcc is
-      found (``CUDA_HOME``), or when ``DEQ_FAST_FORCE_CUDA=1``. Without a GPU on the build machine
-      also set ``TORCH_CUDA_ARCH_LIST`` (e.g. "8.0;9.0") and ``CUDA_HOME``;
+    * plus every ``csrc/**/*.cu`` (``csrc/cuda/``; CUDAExtension) when the installed torch is a
+      CUDA build and nvcc is found (``CUDA_HOME``), or when ``DEQ_FAST_FORCE_CUDA=1``. Without a
+      GPU on the build machine also set ``TORCH_CUDA_ARCH_LIST`` (e.g. "8.0;9.0") and ``CUDA_HOME``;
     * ``DEQ_FAST_NO_EXT=1`` skips it: a pure-Python install that uses the reference path. A build
       environment without torch does the same, with a warning.
     * ``MAX_JOBS`` limits parallel compile jobs (ninja).

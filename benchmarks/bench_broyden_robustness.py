@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "compat"))
 
-import deq_fast                                   # noqa: E402
-from test_locuslab import oracle_broyden          # noqa: E402
+import deq_fast  # noqa: E402
+
+from test_locuslab import oracle_broyden  # noqa: E402
 
 
 def system(D: int, radius: float, seed: int, dtype: torch.dtype):

@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_solvers import Size, get_solver, make_problem   # noqa: E402
-from conftest import describe_machine, machine_line         # noqa: E402
+from bench_solvers import Size, get_solver, make_problem  # noqa: E402
+from conftest import describe_machine, machine_line  # noqa: E402
 
 MAPS = {"affine": "affine", "tanh": "elementwise"}
 

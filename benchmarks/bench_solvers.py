@@ -109,7 +109,8 @@ def get_solver(lib: str, method: str) -> Callable:
     raise ValueError(f"lib must be one of {LIBS}, got {lib!r}")
 
 
-def timed_solve(lib: str, method: str, f: Callable, x0: torch.Tensor, iters: int) -> Callable[[], torch.Tensor]:
+def timed_solve(lib: str, method: str, f: Callable, x0: torch.Tensor,
+                iters: int) -> Callable[[], torch.Tensor]:
     """A no-argument callable running one full solve (no early stop), synchronised on CUDA, and
     returning the solution (the thing a benchmark times)."""
     solver = get_solver(lib, method)

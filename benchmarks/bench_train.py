@@ -18,8 +18,8 @@ below ``floor / torchdeq`` however small deq_fast's own cost is.
 Reported per (case, solver, library): median step time over interleaved repetitions (the two
 libraries alternate, so machine noise hits both), forward evaluations and backward VJPs per step,
 (``f_evals`` counts every call of the equilibrium cell in the step, solver and tracked
-re-evaluations included), and the peak memory the step adds (in a fresh subprocess per row after one warm-up step: the
-resident-set high-water mark above the resident set before the step, on CUDA
+re-evaluations included), and the peak memory the step adds (in a fresh subprocess per row after
+one warm-up step: the resident-set high-water mark above the resident set before the step, on CUDA
 ``max_memory_allocated`` above ``memory_allocated``). The ratio column is deq_fast / torchdeq.
 
 Run::

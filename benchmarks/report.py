@@ -46,11 +46,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import deq_fast                                                     # noqa: E402
-from deq_fast.profiling import OpCounter, per_iteration            # noqa: E402
-from bench_solvers import (DEVICES, LIBS, METHODS, SIZES, Size,   # noqa: E402
-                           get_solver, make_problem, timed_solve)
-from conftest import describe_machine, machine_line                # noqa: E402
+import deq_fast  # noqa: E402
+from deq_fast.profiling import OpCounter, per_iteration  # noqa: E402
+
+from bench_solvers import DEVICES, LIBS, METHODS, SIZES, Size, get_solver, make_problem, timed_solve  # noqa: E402
+from conftest import describe_machine, machine_line  # noqa: E402
 
 FACTORY_OPS = frozenset({"empty", "empty_like", "empty_strided", "zeros", "zeros_like", "ones",
                          "ones_like", "full", "full_like", "new_empty", "new_empty_strided",
@@ -154,16 +154,18 @@ def ours_only(size_name: str, device: str) -> list[dict]:
 
 
 def markdown(rows: list[dict], extra: list[dict], repeats: int, machine: str, command: str) -> str:
-    head = ("| method | size | device | torchdeq ms | deq_fast ms | ratio | ratio of mins | ops/iter torchdeq | "
-            "ops/iter deq_fast | syncs/solve torchdeq | syncs/solve deq_fast | state MiB torchdeq | "
-            "state MiB deq_fast | max abs dz |")
+    head = ("| method | size | device | torchdeq ms | deq_fast ms | ratio | ratio of mins | "
+            "ops/iter torchdeq | ops/iter deq_fast | syncs/solve torchdeq | syncs/solve deq_fast | "
+            "state MiB torchdeq | state MiB deq_fast | max abs dz |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         t, o = r["torchdeq"], r["deq_fast"]
         lines.append(
-            f"| {r['method']} | {r['size']} (B={r['B']}, D={r['D']}, {r['iters']} it) | {r['device']} | "
+            f"| {r['method']} | {r['size']} (B={r['B']}, D={r['D']}, {r['iters']} it) | "
+            f"{r['device']} | "
             f"{1e3 * r['median_s']['torchdeq']:.1f} | {1e3 * r['median_s']['deq_fast']:.1f} | "
-            f"**{r['ratio']:.2f}** | {r['ratio_min']:.2f} | {t['ops_per_iter']:.1f} | {o['ops_per_iter']:.1f} | "
+            f"**{r['ratio']:.2f}** | {r['ratio_min']:.2f} | {t['ops_per_iter']:.1f} | "
+            f"{o['ops_per_iter']:.1f} | "
             f"{t['syncs_per_solve']} | {o['syncs_per_solve']} | {t['state_bytes'] / MIB:.2f} | "
             f"{o['state_bytes'] / MIB:.2f} | {r['max_abs_dz']:.1e} |")
     lines += ["", f"Times: median of {repeats} interleaved solves per library; ratio = deq_fast / torchdeq "

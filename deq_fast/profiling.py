@@ -19,7 +19,6 @@ import collections
 import functools
 from typing import Callable
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["OpCounter", "per_iteration"]

@@ -18,7 +18,6 @@ import argparse
 import os
 import sys
 import warnings
-import zlib
 from typing import Callable, Optional
 
 import torch
@@ -26,33 +25,24 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# after TRITON_INTERPRET: importing deq_fast may import the kernels
+from deq_fast.testing import (  # noqa: E402
+    DTYPE_IDS,
+    KERNEL_TOL,
+    NAN,
+    Draws,
+    acc_dtype,
+    compare,
+)
+
 __all__ = ["main", "run_kernel_checks", "run_solve_checks", "run_cpp_cuda_checks", "cpp_cuda_cases"]
 
-NAN = float("nan")
-# max |kernel - reference| <= TOL * max(max |reference|, 1). bf16: the interpreter rounds
-# float32 -> bfloat16 by truncation where torch rounds to nearest (one bf16 ulp, 2^-7).
-TOL = {torch.float64: 1e-12, torch.float32: 3e-6, torch.float16: 4e-3, torch.bfloat16: 4e-2}
-DT_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16",
-            torch.bfloat16: "bf16"}
 
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-class _Inputs:
+class _Inputs(Draws):
     """Random inputs for one case (seeded by the case, generated on the CPU, moved to device)."""
 
     def __init__(self, device: str, *key):
-        self.device = device
-        self.gen = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-    def randn(self, shape, dtype, scale=1.0) -> torch.Tensor:
-        t = torch.randn(shape, generator=self.gen, dtype=torch.float64) * scale
-        return t.to(dtype).to(self.device)
-
-    def flags(self, B: int) -> torch.Tensor:
-        return (torch.rand(B, generator=self.gen) < 0.6).to(self.device)
+        super().__init__(*key, device=device)
 
     def full(self, shape, value, dtype) -> torch.Tensor:
         return torch.full(shape, value, dtype=dtype, device=self.device)
@@ -62,7 +52,7 @@ def _case(op: str, B: int, D: int, dtype: torch.dtype, big: bool, dev: str):
     """``(tensor/scalar args, {output name: arg index})`` in the engine's layout and invariants;
     outputs the kernel must write completely are NaN-filled."""
     r = _Inputs(dev, op, B, D, dtype, big)
-    acc = _acc(dtype)
+    acc = acc_dtype(dtype)
     x, fx = r.randn((B, D), dtype), r.randn((B, D), dtype)
     if op == "residual_norms":
         return [x, fx, r.full((B, 2), NAN, acc)], {"sq": 2}
@@ -111,20 +101,6 @@ def _case(op: str, B: int, D: int, dtype: torch.dtype, big: bool, dev: str):
     raise ValueError(f"unknown op {op!r}")
 
 
-def _compare(a: torch.Tensor, e: torch.Tensor) -> tuple[float, float]:
-    """``(max abs error, scale)``; error inf when NaN patterns or non-finite entries differ."""
-    a, e = a.detach().double().cpu(), e.detach().double().cpu()
-    if a.dtype == torch.bool or e.dtype == torch.bool:
-        return (0.0 if torch.equal(a, e) else float("inf")), 1.0
-    fin = torch.isfinite(e)
-    if not torch.equal(torch.isnan(a), torch.isnan(e)) or \
-            not torch.equal(a[~fin].nan_to_num(), e[~fin].nan_to_num()):
-        return float("inf"), 1.0
-    if not fin.any():
-        return 0.0, 1.0
-    return (a[fin] - e[fin]).abs().max().item(), max(e[fin].abs().max().item(), 1.0)
-
-
 def _time_us(fn: Callable[[], None], reps: int = 50) -> float:
     fn()
     torch.cuda.synchronize()
@@ -154,7 +130,7 @@ def run_kernel_checks(device: str, shapes: list, timing: bool = False,
 
     rows = []
     for op in ops:
-        dtypes = (torch.float32, torch.float64) if op == "track_status" else tuple(TOL)
+        dtypes = (torch.float32, torch.float64) if op == "track_status" else tuple(KERNEL_TOL)
         for i, (B, D) in enumerate(shapes):
             for dtype in dtypes:
                 args, outs = _case(op, B, D, dtype, i % 2 == 1, device)
@@ -166,17 +142,17 @@ def run_kernel_checks(device: str, shapes: list, timing: bool = False,
                     getattr(REFERENCE, op)(*rargs)
                     ok = True
                     for idx in outs.values():
-                        e, scale = _compare(kargs[idx], rargs[idx])
-                        err, tol = max(err, e), max(tol, TOL[dtype] * scale)
-                        ok &= e <= TOL[dtype] * scale
+                        e, scale = compare(kargs[idx], rargs[idx])
+                        err, tol = max(err, e), max(tol, KERNEL_TOL[dtype] * scale)
+                        ok &= e <= KERNEL_TOL[dtype] * scale
                     if timing and device == "cuda":
                         t_k = _time_us(lambda: getattr(kernels, op)(*kargs))
                         t_r = _time_us(lambda: getattr(REFERENCE, op)(*rargs))
                 except Exception as exc:                                 # reported, not raised
                     ok, err = False, float("nan")
-                    print(f"  {op} {B}x{D} {DT_NAMES[dtype]}: {type(exc).__name__}: {exc}",
+                    print(f"  {op} {B}x{D} {DTYPE_IDS[dtype]}: {type(exc).__name__}: {exc}",
                           file=sys.stderr)
-                rows.append((op, f"{B}x{D}", DT_NAMES[dtype], err, tol, ok, t_k, t_r))
+                rows.append((op, f"{B}x{D}", DTYPE_IDS[dtype], err, tol, ok, t_k, t_r))
     return rows
 
 
@@ -198,7 +174,7 @@ def run_solve_checks(device: str) -> list:
         try:
             got = deq_fast.solve(f, x0, method=method, max_iter=10, tol=1e-5, backend="triton")
             want = deq_fast.solve(f, x0, method=method, max_iter=10, tol=1e-5, backend="reference")
-            err = max(_compare(got.z, want.z)[0], _compare(got.rel_trace, want.rel_trace)[0])
+            err = max(compare(got.z, want.z)[0], compare(got.rel_trace, want.rel_trace)[0])
             ok = err <= 1e-5 and got.nfe == want.nfe and got.backend == "triton"
         except Exception as exc:
             ok, err = False, float("nan")
@@ -265,13 +241,13 @@ def run_cpp_cuda_checks() -> list:
                 for c, g in outs:
                     if c is None:
                         continue
-                    e, scale = _compare(g, c)
+                    e, scale = compare(g, c)
                     t = (1e-10 if dtype == torch.float64 else 2e-5) * scale
                     err, tol, ok = max(err, e), max(tol, t), ok and e <= t
             except Exception as exc:                                     # reported, not raised
                 ok, err = False, float("nan")
-                print(f"  {op} {DT_NAMES[dtype]}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            rows.append((f"C++ {op}", "cuda/cpu", DT_NAMES[dtype], err, tol, ok, None, None))
+                print(f"  {op} {DTYPE_IDS[dtype]}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            rows.append((f"C++ {op}", "cuda/cpu", DTYPE_IDS[dtype], err, tol, ok, None, None))
     return rows
 
 

@@ -7,11 +7,14 @@ This package imports only torch and triton; the rest of deq_fast reaches it thro
 registered by the op table ``deq_fast/ops/table.py``. Under ``TRITON_INTERPRET=1`` (set before this package
 is imported) the kernels run on CPU tensors.
 """
-from .anderson import (_anderson_mix_kernel, _anderson_residual_kernel, anderson_mix,
-                       anderson_residual)
+from .anderson import _anderson_mix_kernel, _anderson_residual_kernel, anderson_mix, anderson_residual
 from .broyden import _broyden_dots_kernel, _broyden_update_kernel, broyden_dots, broyden_update
-from .fixed_point import (_fixed_point_advance_kernel, _residual_norms_kernel, fixed_point_advance,
-                          residual_norms)
+from .fixed_point import (
+    _fixed_point_advance_kernel,
+    _residual_norms_kernel,
+    fixed_point_advance,
+    residual_norms,
+)
 from .status import _track_status_kernel, track_status
 
 __all__ = ["anderson_residual", "anderson_mix", "broyden_dots", "broyden_update", "residual_norms",

@@ -201,11 +201,14 @@ def anderson_residual(x: torch.Tensor, fx: torch.Tensor, F: torch.Tensor, G: tor
         None.
 
     Example:
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: under TRITON_INTERPRET=1
         >>> B, m, D = 3, 5, 130
-        >>> x, fx = torch.randn(B, D, device="cuda"), torch.randn(B, D, device="cuda")
-        >>> F, G = torch.zeros(B, m, D, device="cuda"), torch.zeros(B, m, D, device="cuda")
-        >>> gram, sq = torch.zeros(B, m, m, device="cuda"), torch.empty(B, 2, device="cuda")
+        >>> x, fx = torch.randn(B, D, device=dev), torch.randn(B, D, device=dev)
+        >>> F, G = torch.zeros(B, m, D, device=dev), torch.zeros(B, m, D, device=dev)
+        >>> gram, sq = torch.zeros(B, m, m, device=dev), torch.empty(B, 2, device=dev)
         >>> anderson_residual(x, fx, F, G, gram, sq, slot=0)     # gram[:, 0, 0] == sq[:, 0]
+        >>> torch.allclose(gram[:, 0, 0], sq[:, 0]), torch.equal(F[:, 0], fx), torch.equal(G[:, 0], fx - x)
+        (True, True, True)
     """
     B, D, m = _check_rings(x, F, G, gram)
     check("fx", fx, (B, D), x.dtype, x.device, unit_inner=False)
@@ -241,9 +244,17 @@ def anderson_mix(F: torch.Tensor, G: torch.Tensor, gram: torch.Tensor, x: torch.
         None.
 
     Example:
-        >>> # after anderson_residual(x, fx, F, G, gram, sq, slot=0) with m = 5:
-        >>> improved = torch.ones(3, dtype=torch.bool, device="cuda")
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: under TRITON_INTERPRET=1
+        >>> B, m, D = 3, 5, 130
+        >>> x, fx = torch.randn(B, D, device=dev), torch.randn(B, D, device=dev)
+        >>> F, G = torch.zeros(B, m, D, device=dev), torch.zeros(B, m, D, device=dev)
+        >>> gram, sq = torch.zeros(B, m, m, device=dev), torch.empty(B, 2, device=dev)
+        >>> anderson_residual(x, fx, F, G, gram, sq, slot=0)
+        >>> best, x_old = torch.zeros(B, D, device=dev), x.clone()
+        >>> improved = torch.ones(3, dtype=torch.bool, device=dev)
         >>> anderson_mix(F, G, gram, x, best, improved, 1, 0, 1e-4, True, 1.0, False)  # x = F[:, 0]
+        >>> torch.allclose(x, F[:, 0]), torch.equal(best, x_old)
+        (True, True)
     """
     B, D, m = _check_rings(x, F, G, gram)
     check("best", best, (B, D), x.dtype, x.device)

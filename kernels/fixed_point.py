@@ -92,8 +92,11 @@ def residual_norms(x: torch.Tensor, fx: torch.Tensor, sq: torch.Tensor, tau: flo
         None (``sq[:, 0] = ||fx - x||^2``, ``sq[:, 1] = ||fx||^2``).
 
     Example:
-        >>> x, fx = torch.randn(3, 37, device="cuda"), torch.randn(3, 37, device="cuda")
-        >>> sq = torch.empty(3, 2, device="cuda"); residual_norms(x, fx, sq)       # sq: [3, 2]
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: under TRITON_INTERPRET=1
+        >>> x, fx = torch.randn(3, 37, device=dev), torch.randn(3, 37, device=dev)
+        >>> sq = torch.empty(3, 2, device=dev); residual_norms(x, fx, sq)       # sq: [3, 2]
+        >>> torch.allclose(sq[:, 0], (fx - x).square().sum(1)), torch.allclose(sq[:, 1], fx.square().sum(1))
+        (True, True)
     """
     check_state("x", x)
     B, D = x.shape
@@ -119,9 +122,13 @@ def fixed_point_advance(x: torch.Tensor, fx: torch.Tensor, best: torch.Tensor,
         None.
 
     Example:
-        >>> x, fx, best = (torch.randn(2, 130, device="cuda") for _ in range(3))
-        >>> flags = torch.tensor([True, False], device="cuda")
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: under TRITON_INTERPRET=1
+        >>> x, fx, best = (torch.randn(2, 130, device=dev) for _ in range(3))
+        >>> x_old, best_old = x.clone(), best.clone()
+        >>> flags = torch.tensor([True, False], device=dev)
         >>> fixed_point_advance(x, fx, best, flags, flags)       # row 0 of x and best <- fx
+        >>> torch.equal(x[0], fx[0]), torch.equal(best[0], fx[0]), torch.equal(x[1], x_old[1])
+        (True, True, True)
     """
     check_state("x", x)
     B, D = x.shape

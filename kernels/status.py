@@ -126,14 +126,17 @@ def track_status(sq: torch.Tensor, lowest: torch.Tensor, best_step: torch.Tensor
         None.
 
     Example:
-        >>> B = 3; sq = torch.rand(B, 2, device="cuda")
-        >>> lowest = torch.full((B, 2), 1e8, device="cuda")
-        >>> best_step = torch.zeros(B, 2, device="cuda")
-        >>> trace = torch.zeros(5, B, 2, device="cuda")
-        >>> active = torch.ones(B, dtype=torch.bool, device="cuda")
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: under TRITON_INTERPRET=1
+        >>> B = 3; sq = torch.rand(B, 2, device=dev)
+        >>> lowest = torch.full((B, 2), 1e8, device=dev)
+        >>> best_step = torch.zeros(B, 2, device=dev)
+        >>> trace = torch.zeros(5, B, 2, device=dev)
+        >>> active = torch.ones(B, dtype=torch.bool, device=dev)
         >>> improved = torch.zeros_like(active)
         >>> track_status(sq, lowest, best_step, trace, active, improved, 0, 1.0, 1e-3, 1,
         ...              False, False, False, 1e-9)                  # improved: all True
+        >>> improved.tolist(), torch.allclose(lowest[:, 0], sq[:, 0].sqrt())
+        ([True, True, True], True)
     """
     if not isinstance(lowest, torch.Tensor) or lowest.dim() != 2 or lowest.shape[1] != 2:
         raise ValueError(f"lowest must be a [B, 2] tensor, got {getattr(lowest, 'shape', lowest)}")

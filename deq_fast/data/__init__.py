@@ -11,8 +11,7 @@ name (``--data``)        kind       source
 """
 from __future__ import annotations
 
-from .text import (WIKITEXT_FILES, LMData, lm_windows, load_pydoc_text, load_wikitext103,
-                   unigram_loss)
+from .text import WIKITEXT_FILES, LMData, lm_windows, load_pydoc_text, load_wikitext103, unigram_loss
 from .vision import CIFAR10_FILES, VisionData, load_cifar10, load_digits
 
 __all__ = ["DATASETS", "load_data", "VisionData", "LMData", "load_digits", "load_cifar10",

@@ -119,9 +119,18 @@ def load_wikitext103(root: str) -> LMData:
         ValueError: a file is empty, binary, or not valid UTF-8.
 
     Example:
-        >>> d = load_wikitext103("data/wikitext-103")   # doctest: +SKIP
-        >>> d.vocab_size
-        267735
+        Three tiny token files in WikiText's layout (on the full WikiText-103, ``d.vocab_size`` is
+        267735):
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     for name in WIKITEXT_FILES:
+        ...         with open(os.path.join(root, name), "w") as fh:
+        ...             print(" the cat sat on the mat ", file=fh)
+        ...             print(" the dog ", file=fh)
+        ...     d = load_wikitext103(root)
+        >>> d.vocab_size, d.itos[:3], d.decode(d.train[:7])
+        (8, ['the', '<eos>', 'cat'], 'the cat sat on the mat <eos>')
     """
     paths = _wikitext_paths(root)
     itos = _wikitext_vocabulary(paths)

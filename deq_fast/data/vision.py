@@ -167,9 +167,17 @@ def load_cifar10(root: str) -> VisionData:
         ValueError: a file is corrupt, truncated, or has the wrong keys/shapes/labels.
 
     Example:
-        >>> d = load_cifar10("data/cifar-10-batches-py")   # doctest: +SKIP
-        >>> d.x_train.shape
-        torch.Size([50000, 3, 32, 32])
+        Six tiny batch files of two images each (the real batches give ``x_train`` of shape
+        ``(50000, 3, 32, 32)``):
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     for name in CIFAR10_FILES:
+        ...         with open(os.path.join(root, name), "wb") as fh:
+        ...             pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 7]}, fh)
+        ...     d = load_cifar10(root)
+        >>> d.x_train.shape, d.x_test.shape, d.y_test.tolist()
+        (torch.Size([10, 3, 32, 32]), torch.Size([2, 3, 32, 32]), [3, 7])
     """
     if not root:
         raise ValueError("--data_dir is required for cifar10 (the extracted cifar-10-batches-py "

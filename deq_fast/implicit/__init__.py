@@ -3,7 +3,8 @@
 :mod:`~deq_fast.implicit.backward` holds :func:`implicit_backward` (the C++ loop of ``deq_fast._C``
 when built, the Python reference loop otherwise) and :func:`shine_apply`;
 :mod:`~deq_fast.implicit.reference` the Python reference loop (per-iteration steps from
-:mod:`deq_fast.ops.backward`); :mod:`~deq_fast.implicit.grad` the gradient functions a DEQ layer attaches (exact, phantom, JFB).
+:mod:`deq_fast.ops.backward`); :mod:`~deq_fast.implicit.grad` the gradient functions a DEQ layer
+attaches (exact, phantom, JFB).
 
 Imports only :mod:`deq_fast.ops` below it.
 """

@@ -11,10 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
-from deq_fast.ops.backward import (bwd_anderson_mix_reference, bwd_broyden_step_reference,
-                                   bwd_gmres_arnoldi_reference, bwd_gmres_start_reference,
-                                   bwd_gmres_update_reference, bwd_masked_add_reference,
-                                   bwd_track_reference)
+from deq_fast.ops.backward import (
+    bwd_anderson_mix_reference,
+    bwd_broyden_step_reference,
+    bwd_gmres_arnoldi_reference,
+    bwd_gmres_start_reference,
+    bwd_gmres_update_reference,
+    bwd_masked_add_reference,
+    bwd_track_reference,
+)
 
 __all__ = ["python_solve"]
 

@@ -51,8 +51,16 @@ from torch import nn
 
 from deq_fast.compat.torchdeq import get_solver
 from deq_fast.implicit.backward import METHODS as BACKWARD_METHODS
-from deq_fast.implicit.grad import (BackwardConfig, BackwardNotConverged, GradMethod, GradSpec,
-                                    ImplicitGrad, grad_plan, needs_grad_beyond, phantom_grad)
+from deq_fast.implicit.grad import (
+    BackwardConfig,
+    BackwardNotConverged,
+    GradMethod,
+    GradSpec,
+    ImplicitGrad,
+    grad_plan,
+    needs_grad_beyond,
+    phantom_grad,
+)
 from deq_fast.nn.dropout import reset_dropout
 from deq_fast.nn.norm import reset_norm
 from deq_fast.nn.options import CORES, GRAD_MODES, parse_options, sample_steps
@@ -410,7 +418,13 @@ def reset_deq(model: nn.Module) -> None:
         model: the module holding ``f``'s layers.
 
     Example:
+        >>> from deq_fast.nn.dropout import VariationalDropout
+        >>> from deq_fast.nn.norm import apply_norm
+        >>> deq_layer = nn.Sequential(nn.Linear(8, 8), VariationalDropout(0.5))
+        >>> apply_norm(deq_layer, "weight_norm"); y = deq_layer(torch.randn(4, 8))
         >>> reset_deq(deq_layer)     # at the start of each training iteration
+        >>> deq_layer[1].mask is None
+        True
     """
     reset_norm(model)
     reset_dropout(model)
@@ -423,8 +437,10 @@ def add_deq_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     (or ``--grad_mode``) the namespace means TorchDEQ's phantom gradient. Returns the parser.
 
     Example:
-        >>> parser = argparse.ArgumentParser(); add_deq_args(parser)
+        >>> parser = add_deq_args(argparse.ArgumentParser())
         >>> deq = get_deq(parser.parse_args(["--f_solver", "anderson"]))
+        >>> deq.options.f_solver, deq.grad_mode
+        ('anderson', 'phantom')
     """
     add = parser.add_argument
     add("--f_solver", default="fixed_point_iter", type=str, help="forward solver")

@@ -127,7 +127,12 @@ def reset_dropout(model: nn.Module) -> None:
         model: module containing variational dropout layers.
 
     Example:
+        >>> deq_layer = nn.Sequential(nn.Linear(8, 8), VariationalDropout(0.5))
+        >>> y = deq_layer(torch.randn(4, 8)); deq_layer[1].mask.shape
+        torch.Size([4, 8])
         >>> reset_dropout(deq_layer)   # at the start of each training iteration
+        >>> deq_layer[1].mask is None
+        True
     """
     for module in model.modules():
         if isinstance(module, _VariationalDropoutNd):

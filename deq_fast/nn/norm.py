@@ -271,7 +271,11 @@ def apply_norm(model: nn.Module, norm_type: str = "weight_norm",
             ``names``/``dims`` to override the parameter names and normalised dims.
 
     Example:
+        >>> layer = torch.nn.ModuleDict({"embedding": torch.nn.Linear(4, 8),
+        ...                              "cell": torch.nn.Linear(8, 8)})
         >>> apply_norm(layer, "weight_norm", filter_out=["embedding"])
+        >>> type(layer["cell"]).__name__, type(layer["embedding"]).__name__
+        ('NormedLinear', 'Linear')
         >>> reset_norm(layer)      # once per training step
     """
     unknown = set(norm_kwargs) - _NORM_KWARGS
@@ -335,6 +339,7 @@ def reset_norm(model: nn.Module) -> None:
     Spectral norm also refines ``u, v`` by ``n_power_iterations`` power steps in training mode.
 
     Example:
+        >>> layer = torch.nn.Linear(8, 8); apply_norm(layer, "spectral_norm")
         >>> reset_norm(layer)
     """
     for module in model.modules():
@@ -347,7 +352,10 @@ def remove_norm(model: nn.Module) -> None:
     """Fold the normalisation into plain ``weight`` parameters and remove it from ``model``.
 
     Example:
+        >>> layer = torch.nn.Linear(8, 8); apply_norm(layer, "weight_norm")
         >>> remove_norm(layer)    # e.g. before exporting
+        >>> type(layer).__name__, sorted(name for name, _ in layer.named_parameters())
+        ('Linear', ['bias', 'weight'])
     """
     for module in model.modules():
         fn = getattr(module, "_deq_norm", None)

@@ -3,7 +3,6 @@ mixed initialisation. Same names, arguments and results as ``torchdeq`` 0.1.0, w
 fixed (noted per function)."""
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -36,8 +35,12 @@ def jac_reg(f0: Any, z0: Any, vecs: int = 1, create_graph: bool = True) -> torch
         Scalar tensor (0-dim).
 
     Example:
+        >>> W = torch.randn(8, 8) / 8
         >>> z = torch.randn(4, 8, requires_grad=True); f = torch.tanh(z @ W)
+        >>> loss = f.square().mean()
         >>> loss = loss + 0.1 * jac_reg(f, z)
+        >>> loss.backward(); z.grad.shape
+        torch.Size([4, 8])
     """
     fs, zs = _as_list(f0, "f0"), _as_list(z0, "z0")
     if not isinstance(vecs, int) or vecs < 1:
@@ -71,7 +74,12 @@ def power_method(f0: Any, z0: Any, n_iters: int = 100) -> tuple[Any, torch.Tenso
         ``(eigenvector, sradius)``: the last unit iterate (shaped like ``z0``) and a ``(B,)`` tensor.
 
     Example:
+        >>> W = torch.diag(torch.tensor([0.5, -0.9, 0.1]))     # spectral radius 0.9
+        >>> f = lambda z: z @ W
+        >>> z_star = torch.zeros(2, 3)                          # the fixed point of f
         >>> z = z_star.detach().requires_grad_(); _, rho = power_method(f(z), z, n_iters=50)
+        >>> rho.round(decimals=3)
+        tensor([0.9000, 0.9000])
     """
     fs, zs = _as_list(f0, "f0"), _as_list(z0, "z0")
     if not isinstance(n_iters, int) or n_iters < 1:
@@ -152,7 +160,11 @@ def fp_correction(crit: Callable, args: Sequence[Any], weight_func: str | Callab
         The loss tensor, and the list of term values when ``return_loss_values``.
 
     Example:
+        >>> target = torch.zeros(3)
+        >>> z_out = [torch.full((3,), 2.0), torch.full((3,), 1.0)]   # states of a solve, last ~ z*
         >>> loss = fp_correction(torch.nn.functional.mse_loss, (z_out, target), gamma=0.8)
+        >>> loss                                                      # 0.8 * 4 + 1 * 1
+        tensor(4.2000)
     """
     if callable(weight_func):
         wf = weight_func
@@ -189,7 +201,9 @@ def mixed_init(z_shape: Sequence[int], device: Any = None, dtype: torch.dtype | 
         Tensor of shape ``z_shape``.
 
     Example:
-        >>> z0 = mixed_init((8, 64, 16, 16), device="cuda")
+        >>> z0 = mixed_init((8, 64, 16, 16), device="cpu")    # or device="cuda"
+        >>> z0.shape, 0.45 < (z0 == 0).float().mean().item() < 0.55
+        (torch.Size([8, 64, 16, 16]), True)
     """
     z = torch.randn(*z_shape, device=device, dtype=dtype)
     return z * torch.empty_like(z).bernoulli_(0.5)

@@ -142,7 +142,8 @@ def bwd_gmres_arnoldi_reference(jtq, Q, R, cs, sn, s, kdim, cyc, inv_gnorm, j, t
     hn = w.double().norm(dim=1)
     breakdown = ~(hn > BREAKDOWN * n0)
     h[:, j + 1] = torch.where(breakdown, 0.0, hn)
-    q_next = torch.where(breakdown[:, None], 0, (w.double() / torch.where(breakdown, 1.0, hn)[:, None]).to(dt))
+    q_next = torch.where(breakdown[:, None], 0,
+                         (w.double() / torch.where(breakdown, 1.0, hn)[:, None]).to(dt))
     Q[j + 1] = torch.where(cyc[:, None], q_next, 0)
     h, c_new, s_new, s_j, s_j1 = _givens_column(j, h, cs, sn, s)
     act = cyc[:, None]

@@ -40,6 +40,7 @@ def load() -> ModuleType | None:
         if "module" not in _state:
             try:
                 import torch  # noqa: F401  (the .so links against libtorch: load it first)
+
                 from deq_fast import _C as module
                 _state["error"] = None
             except Exception as exc:  # ImportError, OSError (undefined symbol), anything

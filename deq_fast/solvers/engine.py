@@ -3,8 +3,9 @@
 Everything per sample and on the device: norms, lowest-residual tracking, convergence flags,
 freezing of stopped samples. The host looks at the ``active`` flags after every ``check_every``
 evaluations without a host sync (:mod:`deq_fast.solvers.polling`), or never with ``check_every=0``
-(a fixed iteration count). Histories are fixed-capacity rings. The per-iteration work is the fused ops of :mod:`deq_fast.ops` (at most
-three launches besides ``f``), taken from :func:`deq_fast.ops.dispatch.get_ops` for the backend.
+(a fixed iteration count). Histories are fixed-capacity rings. The per-iteration work is the fused
+ops of :mod:`deq_fast.ops` (at most three launches besides ``f``), taken from
+:func:`deq_fast.ops.dispatch.get_ops` for the backend.
 
 The three public APIs (:mod:`deq_fast.solvers.api`, :mod:`deq_fast.compat.torchdeq`,
 :mod:`deq_fast.compat.locuslab`) are thin layers that choose the options of :class:`Options`.

@@ -15,12 +15,36 @@ defaults (exact gradient, GMRES backward) stay as they are. Module map:
 * ``dropout``, ``loss`` (``correction``, ``jacobian``), ``utils`` (``mem``, ``arg_utils``,
   ``config``, ``init``, ``layer_utils``)
 """
-from .utils.arg_utils import add_deq_args
-from .core import register_deq, get_deq, reset_deq
-from .solver import register_solver, get_solver, solver_stat_from_final_step
-from .norm import apply_norm, register_norm, register_norm_module, remove_norm, reset_norm
-from .dropout import (VariationalDropout, VariationalDropout1d, VariationalDropout2d,
-                      VariationalDropout3d, VariationalDropToken1d, VariationalDropToken2d,
-                      VariationalDropToken3d, reset_dropout)
-from .loss import fp_correction, register_weight_func, jac_reg, power_method
-from .utils import mixed_init, mem_gc
+# Re-exports, spelt `name as name` (explicit for the linter). No __all__: as in torchdeq, a star
+# import also brings the subpackages.
+from .core import get_deq as get_deq, register_deq as register_deq, reset_deq as reset_deq
+from .dropout import (
+    VariationalDropout as VariationalDropout,
+    VariationalDropout1d as VariationalDropout1d,
+    VariationalDropout2d as VariationalDropout2d,
+    VariationalDropout3d as VariationalDropout3d,
+    VariationalDropToken1d as VariationalDropToken1d,
+    VariationalDropToken2d as VariationalDropToken2d,
+    VariationalDropToken3d as VariationalDropToken3d,
+    reset_dropout as reset_dropout,
+)
+from .loss import (
+    fp_correction as fp_correction,
+    jac_reg as jac_reg,
+    power_method as power_method,
+    register_weight_func as register_weight_func,
+)
+from .norm import (
+    apply_norm as apply_norm,
+    register_norm as register_norm,
+    register_norm_module as register_norm_module,
+    remove_norm as remove_norm,
+    reset_norm as reset_norm,
+)
+from .solver import (
+    get_solver as get_solver,
+    register_solver as register_solver,
+    solver_stat_from_final_step as solver_stat_from_final_step,
+)
+from .utils import mem_gc as mem_gc, mixed_init as mixed_init
+from .utils.arg_utils import add_deq_args as add_deq_args

@@ -32,11 +32,11 @@ from deq_fast.solvers.packing import Packer
 
 from .dropout import reset_dropout
 from .grad import backward_factory, make_pair
-from .loss import power_method
+from .loss import power_method as power_method  # torchdeq.core's namespace
 from .norm import reset_norm
 from .solver import get_solver
 from .utils.config import DEQConfig
-from .utils.layer_utils import deq_decorator
+from .utils.layer_utils import deq_decorator as deq_decorator  # torchdeq.core's namespace
 
 __all__ = ["get_deq", "reset_deq", "register_deq", "DEQSliced", "DEQIndexing"]
 
@@ -174,8 +174,11 @@ def get_deq(args: Any = None, **kwargs: Any) -> nn.Module:
     """The DEQ module for TorchDEQ's options (see the module doc); ``kwargs`` override ``args``.
 
     Example:
+        >>> W = 0.3 * torch.randn(8, 8) / 8 ** 0.5; x = torch.randn(4, 8)
         >>> deq = get_deq(f_solver="anderson", f_max_iter=20)      # phantom gradient, grad=1
-        >>> z_out, info = deq(lambda z: torch.tanh(W @ z + x), torch.zeros(8, 1))
+        >>> z_out, info = deq(lambda z: torch.tanh(z @ W + x), torch.zeros(4, 8))
+        >>> len(z_out), z_out[-1].shape
+        (1, torch.Size([4, 8]))
     """
     cfg = DEQConfig(args)
     cfg.update(**kwargs)

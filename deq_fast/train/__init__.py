@@ -33,8 +33,7 @@ Modules, each one job (each imports only modules above it in this list):
 """
 from __future__ import annotations
 
-from deq_fast.train.cli import eval_main
-from deq_fast.train.cli import train_main as main
+from deq_fast.train.cli import eval_main, train_main as main
 from deq_fast.train.config import TrainConfig, TrainingError
 from deq_fast.train.evaluation import evaluate_checkpoint
 from deq_fast.train.loop import run_training

@@ -14,8 +14,7 @@ import time
 from typing import Any
 
 from deq_fast.train.checkpoint import CKPT_NAME, check_out_dir, load_checkpoint
-from deq_fast.train.config import (NonFiniteLoss, TrainConfig, TrainingError, resolve_config,
-                                   resume_config)
+from deq_fast.train.config import NonFiniteLoss, TrainConfig, TrainingError, resolve_config, resume_config
 from deq_fast.train.distributed import shutdown
 from deq_fast.train.evaluation import evaluate_checkpoint
 from deq_fast.train.loop import run_training

@@ -30,17 +30,36 @@ import torch.nn.functional as F
 
 from deq_fast.data import LMData, VisionData, unigram_loss
 from deq_fast.train.batches import epoch_batches, get_batch, steps_per_epoch
-from deq_fast.train.build import (build_run_model, check_lm_splits, load_run_data, make_optimizer,
-                                  require_train_extras)
-from deq_fast.train.checkpoint import (CKPT_FORMAT, CKPT_NAME, check_out_dir, param_digest,
-                                       rng_state, save_checkpoint, seed_all, set_rng_state)
-from deq_fast.train.config import (MAX_CONSECUTIVE_NONFINITE, NonFiniteLoss, TrainConfig,
-                                   TrainingError)
+from deq_fast.train.build import (
+    build_run_model,
+    check_lm_splits,
+    load_run_data,
+    make_optimizer,
+    require_train_extras,
+)
+from deq_fast.train.checkpoint import (
+    CKPT_FORMAT,
+    CKPT_NAME,
+    check_out_dir,
+    param_digest,
+    rng_state,
+    save_checkpoint,
+    seed_all,
+    set_rng_state,
+)
+from deq_fast.train.config import MAX_CONSECUTIVE_NONFINITE, NonFiniteLoss, TrainConfig, TrainingError
 from deq_fast.train.distributed import Ranks, pick_device, wrap_ddp
 from deq_fast.train.evaluation import evaluate
 from deq_fast.train.plots import plot_run
-from deq_fast.train.records import (EpochStats, append_jsonl, atomic_write_bytes, backward_stats,
-                                    read_jsonl, solve_stats, write_jsonl)
+from deq_fast.train.records import (
+    EpochStats,
+    append_jsonl,
+    atomic_write_bytes,
+    backward_stats,
+    read_jsonl,
+    solve_stats,
+    write_jsonl,
+)
 
 __all__ = ["run_training", "Trainer", "compute_loss"]
 

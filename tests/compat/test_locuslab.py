@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import deq_fast
+from deq_fast.testing import contraction
 
 
 def oracle_anderson(f, x0, m=6, lam=1e-4, threshold=50, eps=1e-3, stop_mode="rel", beta=1.0):
@@ -146,14 +147,6 @@ def oracle_broyden(f, x0, threshold, eps=1e-3, stop_mode="rel", ls=False):
             "eps": eps, "threshold": threshold}
 
 
-def problem(shape, radius=0.85, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    B, D = shape[0], int(torch.tensor(shape[1:]).prod())
-    W = torch.randn(D, D, generator=g) / D ** 0.5 * radius
-    b = torch.randn(B, D, generator=g)
-    return lambda z: torch.tanh(z.reshape(B, D) @ W.T + b).reshape(z.shape)
-
-
 def assert_same_dict(ours, ref, atol=1e-4):
     assert set(ours) == set(ref)
     assert isinstance(ours["lowest"], float) and isinstance(ours["nstep"], int)
@@ -175,7 +168,7 @@ def assert_same_dict(ours, ref, atol=1e-4):
 @pytest.mark.parametrize("opts", [dict(threshold=30, eps=1e-5), dict(threshold=40, eps=1e-3, m=3, lam=1e-3),
                                   dict(threshold=25, eps=1e-4, beta=0.8)], ids=["default", "m3", "beta"])
 def test_anderson_matches_original(stop_mode, shape, opts):
-    f = problem(shape, seed=len(shape))
+    f = contraction(shape, radius=0.85, seed=len(shape))
     x0 = torch.zeros(shape)
     assert_same_dict(deq_fast.anderson(f, x0, stop_mode=stop_mode, **opts),
                      oracle_anderson(f, x0, stop_mode=stop_mode, **opts))
@@ -185,7 +178,7 @@ def test_anderson_matches_original(stop_mode, shape, opts):
 @pytest.mark.parametrize("shape", [(3, 6, 7), (1, 5, 3), (4, 9)], ids=["3d", "B1", "2d"])
 @pytest.mark.parametrize("threshold,eps", [(30, 1e-5), (40, 1e-3), (12, 1e-9)])
 def test_broyden_matches_original(stop_mode, shape, threshold, eps):
-    f = problem(shape, seed=len(shape) + 7)
+    f = contraction(shape, radius=0.85, seed=len(shape) + 7)
     x0 = torch.zeros(shape)
     assert_same_dict(deq_fast.broyden(f, x0, threshold, eps=eps, stop_mode=stop_mode),
                      oracle_broyden(f, x0, threshold, eps=eps, stop_mode=stop_mode))
@@ -210,7 +203,7 @@ def test_broyden_protective_break():
 @pytest.mark.parametrize("threshold", [0, 1, 2])
 def test_anderson_small_threshold_is_defined(threshold):
     """The original raises UnboundLocalError for threshold <= 2 (deq #26)."""
-    f = problem((2, 5))
+    f = contraction((2, 5), radius=0.85)
     out = deq_fast.anderson(f, torch.zeros(2, 5), threshold=threshold)
     assert out["abs_trace"] == [] and out["rel_trace"] == []
     assert torch.isfinite(out["result"]).all() and math.isfinite(out["lowest"])
@@ -233,7 +226,7 @@ def test_singular_least_squares_never_raises():
 
 
 def test_extra_keywords_follow_the_original():
-    f = problem((2, 4))
+    f = contraction((2, 4), radius=0.85)
     deq_fast.anderson(f, torch.zeros(2, 4), name="forward")     # the original takes **kwargs
     with pytest.raises(TypeError, match="bogus"):
         deq_fast.broyden(f, torch.zeros(2, 4), 10, bogus=1)     # ... its broyden does not
@@ -255,7 +248,7 @@ def test_broyden_line_search_matches_original(radius):
 
 def test_broyden_memory_bound():
     """``memory=L`` bounds the stored factors (deq #28); L >= threshold changes nothing."""
-    f = problem((2, 30), seed=5)
+    f = contraction((2, 30), radius=0.85, seed=5)
     x0 = torch.zeros(2, 30)
     full = deq_fast.broyden(f, x0, 20, eps=1e-9)
     same = deq_fast.broyden(f, x0, 20, eps=1e-9, memory=20)

@@ -6,28 +6,14 @@ import zlib
 
 import pytest
 import torch
+import torchdeq.solver as torchdeq_solver
 
 import deq_fast
 from deq_fast.profiling import OpCounter, per_iteration
-
-import torchdeq.solver as torchdeq_solver
+from deq_fast.testing import contraction
 
 ATOL = 1e-4
 SOLVERS = ["anderson", "broyden", "fixed_point_iter"]
-
-
-def contraction(shape, radius=0.8, seed=0):
-    """A random contraction f(z) = tanh(W z + b) on the flattened state, fresh per seed."""
-    g = torch.Generator().manual_seed(seed)
-    B = shape[0] if len(shape) >= 2 else shape[0]
-    D = int(torch.tensor(shape[1:]).prod()) if len(shape) >= 2 else 1
-    W = torch.randn(D, D, generator=g) / D ** 0.5 * radius
-    b = torch.randn(B, D, generator=g)
-
-    def f(z):
-        flat = z.reshape(B, D)
-        return torch.tanh(flat @ W.T + b).reshape(z.shape)
-    return f
 
 
 def assert_same(ours, theirs):

@@ -90,8 +90,10 @@ def _compare(build, run, argv=(), steps=1, tie_floor=0.0):
             if key == "nstep":
                 a_m, a_r = a_m[defined], a_r[defined]
             torch.testing.assert_close(a_m, a_r, rtol=1e-6, atol=1e-9, msg=f"info[{key!r}]")
-        ref.zero_grad(); mine.zero_grad()
-        loss_r.backward(); loss_m.backward()
+        ref.zero_grad()
+        mine.zero_grad()
+        loss_r.backward()
+        loss_m.backward()
         pr, pm = dict(ref.named_parameters()), dict(mine.named_parameters())
         assert pr.keys() == pm.keys()
         for name in pr:

@@ -9,8 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from deq_fast.data import (CIFAR10_FILES, WIKITEXT_FILES, load_cifar10, load_data, load_digits,
-                           load_pydoc_text, load_wikitext103, lm_windows, unigram_loss)
+from deq_fast.data import (
+    CIFAR10_FILES,
+    WIKITEXT_FILES,
+    lm_windows,
+    load_cifar10,
+    load_data,
+    load_digits,
+    load_pydoc_text,
+    load_wikitext103,
+    unigram_loss,
+)
 
 
 # ------------------------------------------------------------------------------ embedded data

@@ -14,19 +14,17 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from deq_fast.ops import extension
 from deq_fast.implicit import backward as bw
+from deq_fast.implicit.backward import implicit_backward
+from deq_fast.ops import backward as bwd_ops, extension
 from deq_fast.ops.backward import OP_NAMES
-from deq_fast.ops import backward as bwd_ops
-from deq_fast.implicit.backward import implicit_backward, shine_apply
+from deq_fast.testing import BACKWARD_TOL
 
 ITERATIVE = ("fixed_point", "anderson", "broyden", "gmres")
 # a missing build is a failure, not a skip (CI builds the extension); only an explicit opt-out skips
 needs_ext = pytest.mark.skipif(os.environ.get("DEQ_FAST_NO_EXT") == "1",
                                reason="DEQ_FAST_NO_EXT=1: the extension is deliberately not used")
 BACKENDS = [pytest.param("reference", id="reference"), pytest.param("cpp", id="cpp", marks=needs_ext)]
-# tolerance on the solve -> bound on the error against the dense solution (condition number ~10)
-TOL = {torch.float64: (1e-11, 1e-8), torch.float32: (1e-6, 1e-4)}
 
 
 def make_problem(B: int, D: int, dtype: torch.dtype, rho: float = 0.9, seed: int = 0):
@@ -68,7 +66,7 @@ def measured_residual(fz, z, grad, g):
 @pytest.mark.parametrize("B,D", [(1, 5), (3, 17)], ids=["B1D5", "B3D17"])
 def test_matches_dense_solution(B, D, dtype, method, backend):
     fz, z, grad, ref = make_problem(B, D, dtype, seed=B * 100 + D)
-    tol, bound = TOL[dtype]
+    tol, bound = BACKWARD_TOL[dtype]
     g, info = implicit_backward(fz, z, grad, method=method, tol=tol, max_iter=2000,
                                 backend=backend)
     assert g.shape == grad.shape and g.dtype == dtype

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deq_fast.models import MODEL_CONFIGS, DEQTransformerLM, MDEQ, build_model, get_config
+from deq_fast.models import MDEQ, MODEL_CONFIGS, DEQTransformerLM, build_model, get_config
 
 torch.set_num_threads(1)
 

@@ -14,9 +14,7 @@ from deq_fast.implicit.backward import resolve_backend
 from deq_fast.nn import deq as deq_mod
 from deq_fast.nn.deq import BackwardNotConverged, add_deq_args, get_deq, reset_deq
 from deq_fast.nn.regularizers import jac_reg
-
-TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
-
+from deq_fast.testing import DEQ_GRAD_TOL
 
 # ---------------------------------------------------------------------------------------------
 # problems and references
@@ -116,8 +114,8 @@ def test_exact_matches_dense_implicit_gradient(dtype, f_solver, B, D):
     assert len(z_out) == 1 and z_out[0].shape == (B, D) and z_out[0].dtype == dtype
     gW, gx = grads_of(prob, z_out)
     rW, rx = prob.dense_exact()
-    assert rel_err(gW, rW) <= TOL[dtype]
-    assert rel_err(gx, rx) <= TOL[dtype]
+    assert rel_err(gW, rW) <= DEQ_GRAD_TOL[dtype]
+    assert rel_err(gx, rx) <= DEQ_GRAD_TOL[dtype]
     assert info["b_nvjp"] > 0 and bool(torch.as_tensor(info["b_converged"]).all())
     # the module runs the compiled backward loop whenever implicit_backward can
     assert info["b_backend"] == resolve_backend("auto", torch.device("cpu"))
@@ -185,7 +183,7 @@ def test_exact_tuple_states(dtype, B):
             zf = p64.flat_f(zf)
     ref = dense_generic(p64.flat_f, zf, p64.c, p64.params())
     for g, r in zip(grads, ref):
-        assert rel_err(g, r) <= TOL[dtype]
+        assert rel_err(g, r) <= DEQ_GRAD_TOL[dtype]
 
 
 def test_exact_list_state_returns_list_and_gradcheck():

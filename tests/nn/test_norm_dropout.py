@@ -11,9 +11,16 @@ from torch import nn
 from torch.nn.utils import parametrizations as P
 
 from deq_fast.nn.deq import add_deq_args, get_deq, reset_deq
-from deq_fast.nn.dropout import (VariationalDropout, VariationalDropout1d, VariationalDropout2d,
-                              VariationalDropout3d, VariationalDropToken1d,
-                              VariationalDropToken2d, VariationalDropToken3d, reset_dropout)
+from deq_fast.nn.dropout import (
+    VariationalDropout,
+    VariationalDropout1d,
+    VariationalDropout2d,
+    VariationalDropout3d,
+    VariationalDropToken1d,
+    VariationalDropToken2d,
+    VariationalDropToken3d,
+    reset_dropout,
+)
 from deq_fast.nn.norm import _WeightNorm, apply_norm, remove_norm, reset_norm
 
 LAYERS = {

@@ -5,10 +5,9 @@ import math
 
 import pytest
 import torch
+import torchdeq.loss as torchdeq_loss
 
 from deq_fast.nn.regularizers import fp_correction, jac_reg, mixed_init, power_method
-
-import torchdeq.loss as torchdeq_loss
 
 
 def _linear_problem(B, D, dtype=torch.float64, seed=0):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import os
-import zlib
 
 import pytest
 import torch
@@ -25,55 +24,31 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import triton  # noqa: F401  (a declared test dependency: imported, never skipped)
+import triton  # noqa: E402, F401  (a declared test dependency: imported, never skipped)
 
 import deq_fast  # noqa: E402
 import deq_fast.kernels as K  # noqa: E402
 from deq_fast.ops import table  # noqa: E402
 from deq_fast.ops.table import REFERENCE as R  # noqa: E402
+from deq_fast.testing import (  # noqa: E402
+    DTYPE_IDS,
+    KERNEL_TOL,
+    NAN,
+    Draws,
+    acc_dtype,
+    max_err,
+    nan_empty,
+)
 
-NAN = float("nan")
-# max |kernel - reference| / max(|reference|, 1), per state dtype. bf16: Triton's interpreter
-# converts float32 -> bfloat16 by truncation where torch (and the GPU) round to nearest, so an
-# element may differ by one bf16 ulp (2^-7 relative); the mix then carries it over a few terms.
-TOL = {torch.float64: 1e-12, torch.float32: 3e-6, torch.float16: 4e-3, torch.bfloat16: 4e-2}
-DTYPES = list(TOL)
-DT_IDS = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16",
-          torch.bfloat16: "bf16"}
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+DTYPES = list(KERNEL_TOL)   # max |kernel - reference| / max(|reference|, 1) per state dtype
 
 
-def _gen(*key) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def _randn(gen: torch.Generator, shape, dtype, scale: float = 1.0) -> torch.Tensor:
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
-
-
-def _flags(gen: torch.Generator, B: int) -> torch.Tensor:
-    return (torch.rand(B, generator=gen) < 0.6).to(DEVICE)
+def _gen(*key) -> Draws:
+    return Draws(*key, device=DEVICE)
 
 
 def _clone(ts):
     return [t.clone() if isinstance(t, torch.Tensor) else t for t in ts]
-
-
-def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max(max |expected|, 1) over the finite reference entries;
-    inf if the NaN patterns differ (an output left unwritten, or a NaN the reference lacks)."""
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    if a.shape != e.shape or not torch.equal(torch.isnan(a), torch.isnan(e)):
-        return float("inf")
-    fin = torch.isfinite(e)
-    if not torch.equal(a[~fin].nan_to_num(), e[~fin].nan_to_num()):
-        return float("inf")
-    if not fin.any():
-        return 0.0
-    return ((a[fin] - e[fin]).abs().max() / e[fin].abs().max().clamp_min(1.0)).item()
 
 
 def assert_outputs(names, got, want, tol):
@@ -89,43 +64,43 @@ def assert_outputs(names, got, want, tol):
 
 # ---------------------------------------------------------------- residual norms / fixed point
 @pytest.mark.parametrize("tau", [1.0, 0.6], ids=["plain", "damped"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("B,D", [(1, 37), (3, 130)], ids=["B1-D37", "B3-D130"])
 def test_residual_norms(dtype, B, D, tau):
     gen = _gen("rn", dtype, B, D)
-    x, fx = _randn(gen, (B, D), dtype), _randn(gen, (B, D), dtype)
-    sq_k = torch.full((B, 2), NAN, dtype=_acc(dtype), device=DEVICE)
+    x, fx = gen.randn((B, D), dtype), gen.randn((B, D), dtype)
+    sq_k = nan_empty((B, 2), acc_dtype(dtype), DEVICE)
     sq_r = sq_k.clone()
     K.residual_norms(x, fx, sq_k, tau)
     R.residual_norms(x, fx, sq_r, tau)
-    assert_outputs(["sq"], [sq_k], [sq_r], TOL[dtype])
+    assert_outputs(["sq"], [sq_k], [sq_r], KERNEL_TOL[dtype])
     if tau != 1.0:                      # negative check: the damping is not ignored
         R.residual_norms(x, fx, sq_r)
-        assert max_err(sq_k, sq_r) > TOL[dtype]
+        assert max_err(sq_k, sq_r) > KERNEL_TOL[dtype]
 
 
 def test_residual_norms_strided_fx():
     """``f`` may return a strided view: the launcher copies it, the result is unchanged."""
     gen = _gen("rn-strided")
-    x, fx = _randn(gen, (3, 37), torch.float32), _randn(gen, (37, 3), torch.float32).t()
+    x, fx = gen.randn((3, 37), torch.float32), gen.randn((37, 3), torch.float32).t()
     sq_k, sq_r = torch.empty(3, 2, device=DEVICE), torch.empty(3, 2, device=DEVICE)
     K.residual_norms(x, fx, sq_k)
     R.residual_norms(x, fx, sq_r)
-    assert max_err(sq_k, sq_r) <= TOL[torch.float32]
+    assert max_err(sq_k, sq_r) <= KERNEL_TOL[torch.float32]
 
 
 @pytest.mark.parametrize("tau", [1.0, 0.6], ids=["plain", "damped"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("B,D", [(1, 37), (3, 130)], ids=["B1-D37", "B3-D130"])
 def test_fixed_point_advance(dtype, B, D, tau):
     gen = _gen("fpa", dtype, B, D)
-    x, fx, best = (_randn(gen, (B, D), dtype) for _ in range(3))
-    improved, active = _flags(gen, B), _flags(gen, B)
+    x, fx, best = (gen.randn((B, D), dtype) for _ in range(3))
+    improved, active = gen.flags(B), gen.flags(B)
     got, want = [x.clone(), best.clone()], [x.clone(), best.clone()]
     K.fixed_point_advance(got[0], fx, got[1], improved, active, tau)
     R.fixed_point_advance(want[0], fx, want[1], improved, active, tau)
     # plain: pure copies, exact; damped: one rounding of tau·f + (1 - tau)·x (fused in-kernel)
-    assert_outputs(["x", "best"], got, want, 0.0 if tau == 1.0 else TOL[dtype])
+    assert_outputs(["x", "best"], got, want, 0.0 if tau == 1.0 else KERNEL_TOL[dtype])
 
 
 # ---------------------------------------------------------------------------------- Anderson
@@ -134,9 +109,9 @@ def _anderson_state(gen, B, D, m, filled, dtype):
     consistent Gram matrix."""
     F = torch.zeros(B, m, D, dtype=dtype, device=DEVICE)
     G = torch.zeros(B, m, D, dtype=dtype, device=DEVICE)
-    F[:, :filled] = _randn(gen, (B, filled, D), dtype)
-    G[:, :filled] = _randn(gen, (B, filled, D), dtype, 0.5)
-    Ga = G.to(_acc(dtype))
+    F[:, :filled] = gen.randn((B, filled, D), dtype)
+    G[:, :filled] = gen.randn((B, filled, D), dtype, 0.5)
+    Ga = G.to(acc_dtype(dtype))
     gram = torch.bmm(Ga, Ga.transpose(1, 2))
     return F, G, gram
 
@@ -145,7 +120,7 @@ def _anderson_state(gen, B, D, m, filled, dtype):
 RESIDUAL_CASES = [(1, 37, 1, 0, 0), (3, 37, 5, 0, 0), (3, 130, 5, 2, 2), (3, 37, 5, 3, 5)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("B,D,m,slot,filled", RESIDUAL_CASES,
                          ids=[f"B{c[0]}-D{c[1]}-m{c[2]}-s{c[3]}-n{c[4]}" for c in RESIDUAL_CASES])
 def test_anderson_residual(dtype, B, D, m, slot, filled):
@@ -155,12 +130,12 @@ def test_anderson_residual(dtype, B, D, m, slot, filled):
     G[:, slot] = NAN
     gram[:, slot, :] = NAN
     gram[:, :, slot] = NAN
-    x, fx = _randn(gen, (B, D), dtype), _randn(gen, (B, D), dtype)
-    sq = torch.full((B, 2), NAN, dtype=_acc(dtype), device=DEVICE)
+    x, fx = gen.randn((B, D), dtype), gen.randn((B, D), dtype)
+    sq = nan_empty((B, 2), acc_dtype(dtype), DEVICE)
     got, want = [F, G, gram, sq], _clone([F, G, gram, sq])
     K.anderson_residual(x, fx, *got, slot)
     R.anderson_residual(x, fx, *want, slot)
-    assert_outputs(["F", "G", "gram", "sq"], got, want, TOL[dtype])
+    assert_outputs(["F", "G", "gram", "sq"], got, want, KERNEL_TOL[dtype])
 
 
 # (B, D, m, n, newest, lam, scaled, beta, keep_f)
@@ -173,7 +148,7 @@ MIX_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("B,D,m,n,newest,lam,scaled,beta,keep_f", MIX_CASES,
                          ids=[f"B{c[0]}-D{c[1]}-m{c[2]}-n{c[3]}-new{c[4]}-beta{c[7]}"
                               f"-keepf{int(c[8])}" for c in MIX_CASES])
@@ -181,18 +156,18 @@ def test_anderson_mix(dtype, B, D, m, n, newest, lam, scaled, beta, keep_f):
     gen = _gen("am", dtype, B, D, m, n, newest)
     F, G, gram = _anderson_state(gen, B, D, m, max(n, 1), dtype)
     # x is written completely when n > 0 (and only then read: for the best copy when not keep_f)
-    x = torch.full((B, D), NAN, dtype=dtype, device=DEVICE) if (n > 0 and keep_f) else \
-        _randn(gen, (B, D), dtype)
-    best = _randn(gen, (B, D), dtype)
-    improved = _flags(gen, B)
+    x = nan_empty((B, D), dtype, DEVICE) if (n > 0 and keep_f) else \
+        gen.randn((B, D), dtype)
+    best = gen.randn((B, D), dtype)
+    improved = gen.flags(B)
     got, want = [x, best], _clone([x, best])
     args = (n, newest, lam, scaled, beta, keep_f)
     K.anderson_mix(F, G, gram, *got, improved, *args)
     R.anderson_mix(F, G, gram, *want, improved, *args)
-    assert_outputs(["x", "best"], got, want, TOL[dtype])
+    assert_outputs(["x", "best"], got, want, KERNEL_TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DT_IDS.get)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DTYPE_IDS.get)
 def test_anderson_mix_fallback(dtype):
     """Singular (zero Gram, no ridge) and NaN systems fall back to the one-hot at ``newest``,
     per sample, without touching the healthy sample."""
@@ -201,12 +176,12 @@ def test_anderson_mix_fallback(dtype):
     F, G, gram = _anderson_state(gen, B, D, m, n, dtype)
     gram[0] = 0.0
     gram[1, 2, 1] = NAN                               # lower triangle: the part a Cholesky reads
-    got = torch.full((B, D), NAN, dtype=dtype, device=DEVICE)
+    got = nan_empty((B, D), dtype, DEVICE)
     want = got.clone()
-    best, improved = torch.zeros(B, D, dtype=dtype, device=DEVICE), _flags(gen, B)
+    best, improved = torch.zeros(B, D, dtype=dtype, device=DEVICE), gen.flags(B)
     K.anderson_mix(F, G, gram, got, best.clone(), improved, n, newest, 0.0, False, 1.0, True)
     R.anderson_mix(F, G, gram, want, best.clone(), improved, n, newest, 0.0, False, 1.0, True)
-    assert max_err(got, want) <= TOL[dtype]
+    assert max_err(got, want) <= KERNEL_TOL[dtype]
     assert torch.equal(got[:2], F[:2, newest])                     # one-hot: x = F[newest]
     assert not torch.equal(got[2], F[2, newest])
 
@@ -227,8 +202,8 @@ def test_anderson_mix_lam_and_beta_matter():
     base = run(R.anderson_mix, 1e-4, True, 1.0)
     for lam, scaled, beta in [(0.5, True, 1.0), (1e-4, True, 0.5), (0.5, False, 1.0)]:
         got = run(K.anderson_mix, lam, scaled, beta)
-        assert max_err(got, run(R.anderson_mix, lam, scaled, beta)) <= TOL[torch.float32]
-        assert max_err(got, base) > 100 * TOL[torch.float32], (lam, scaled, beta)
+        assert max_err(got, run(R.anderson_mix, lam, scaled, beta)) <= KERNEL_TOL[torch.float32]
+        assert max_err(got, base) > 100 * KERNEL_TOL[torch.float32], (lam, scaled, beta)
 
 
 def test_anderson_long_history_takes_the_reference():
@@ -245,8 +220,8 @@ def _broyden_state(gen, B, D, L, n_valid, dtype):
     """Rings with ``n_valid`` written rows; rows (and ``ab`` entries) beyond are zero."""
     U = torch.zeros(B, L, D, dtype=dtype, device=DEVICE)
     V = torch.zeros(B, L, D, dtype=dtype, device=DEVICE)
-    U[:, :n_valid] = _randn(gen, (B, n_valid, D), dtype, 0.2)
-    V[:, :n_valid] = _randn(gen, (B, n_valid, D), dtype, 0.2)
+    U[:, :n_valid] = gen.randn((B, n_valid, D), dtype, 0.2)
+    V[:, :n_valid] = gen.randn((B, n_valid, D), dtype, 0.2)
     return U, V
 
 
@@ -254,23 +229,23 @@ def _broyden_state(gen, B, D, L, n_valid, dtype):
 DOTS_CASES = [(1, 37, 4, 0), (3, 130, 6, 3), (3, 37, 5, 5)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("B,D,L,n_valid", DOTS_CASES,
                          ids=[f"B{c[0]}-D{c[1]}-L{c[2]}-nv{c[3]}" for c in DOTS_CASES])
 def test_broyden_dots(dtype, B, D, L, n_valid):
     gen = _gen("bd", dtype, B, D, L, n_valid)
     U, V = _broyden_state(gen, B, D, L, n_valid, dtype)
-    x, fx = _randn(gen, (B, D), dtype), _randn(gen, (B, D), dtype)
-    dx = _randn(gen, (B, D), dtype, 0.3)
-    acc = _acc(dtype)
-    g = torch.full((B, D), NAN, dtype=dtype, device=DEVICE)
+    x, fx = gen.randn((B, D), dtype), gen.randn((B, D), dtype)
+    dx = gen.randn((B, D), dtype, 0.3)
+    acc = acc_dtype(dtype)
+    g = nan_empty((B, D), dtype, DEVICE)
     ab = torch.zeros(B, 2, L, dtype=acc, device=DEVICE)
     ab[:, :, :n_valid] = NAN
-    scal = torch.full((B, 4), NAN, dtype=acc, device=DEVICE)
+    scal = nan_empty((B, 4), acc, DEVICE)
     got, want = [g, ab, scal], _clone([g, ab, scal])
     K.broyden_dots(x, fx, got[0], dx, U, V, got[1], got[2], n_valid)
     R.broyden_dots(x, fx, want[0], dx, U, V, want[1], want[2], n_valid)
-    assert_outputs(["g", "ab", "scal"], got, want, TOL[dtype])
+    assert_outputs(["g", "ab", "scal"], got, want, KERNEL_TOL[dtype])
 
 
 # (B, D, L, n_valid, slot, zero_step): first update, not full, wrapped ring (evicts slot 2),
@@ -279,23 +254,23 @@ UPDATE_CASES = [(1, 37, 4, 0, 0, False), (3, 130, 6, 3, 3, False), (3, 37, 5, 5,
                 (3, 37, 4, 0, 0, True)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("B,D,L,n_valid,slot,zero_step", UPDATE_CASES,
                          ids=[f"B{c[0]}-D{c[1]}-L{c[2]}-nv{c[3]}-s{c[4]}" + ("-dx0" if c[5] else "")
                               for c in UPDATE_CASES])
 def test_broyden_update(dtype, B, D, L, n_valid, slot, zero_step):
     gen = _gen("bu", dtype, B, D, L, n_valid, slot, zero_step)
     U, V = _broyden_state(gen, B, D, L, n_valid, dtype)
-    x, fx = _randn(gen, (B, D), dtype), _randn(gen, (B, D), dtype)
-    dx = _randn(gen, (B, D), dtype, 0.3)
+    x, fx = gen.randn((B, D), dtype), gen.randn((B, D), dtype)
+    dx = gen.randn((B, D), dtype, 0.3)
     if zero_step:
         dx.zero_()
-    acc = _acc(dtype)
+    acc = acc_dtype(dtype)
     g, ab, scal = torch.empty(B, D, dtype=dtype, device=DEVICE), \
         torch.zeros(B, 2, L, dtype=acc, device=DEVICE), torch.empty(B, 4, dtype=acc, device=DEVICE)
     R.broyden_dots(x, fx, g, dx, U, V, ab, scal, n_valid)          # consistent pass-1 outputs
-    best = _randn(gen, (B, D), dtype)
-    improved, active = _flags(gen, B), _flags(gen, B)
+    best = gen.randn((B, D), dtype)
+    improved, active = gen.flags(B), gen.flags(B)
     active[0] = True
     got, want = [x, dx, U, V, best], _clone([x, dx, U, V, best])
 
@@ -304,7 +279,7 @@ def test_broyden_update(dtype, B, D, L, n_valid, slot, zero_step):
 
     call(K.broyden_update, got)
     call(R.broyden_update, want)
-    assert_outputs(["x", "dx", "U", "V", "best"], got, want, TOL[dtype])
+    assert_outputs(["x", "dx", "U", "V", "best"], got, want, KERNEL_TOL[dtype])
 
 
 # ------------------------------------------------------------------------------------ status
@@ -312,21 +287,21 @@ STATUS_FLAGS = [(wb, st, au, si) for wb in (False, True) for st in (False, True)
                 for au in (False, True) for si in (0, 1)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DT_IDS.get)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("B", [1, 5])
 @pytest.mark.parametrize("whole_batch,stop_together,always_update,stop_idx", STATUS_FLAGS,
                          ids=[f"wb{int(a)}-st{int(b)}-au{int(c)}-{'abs' if d == 0 else 'rel'}"
                               for a, b, c, d in STATUS_FLAGS])
 def test_track_status(dtype, B, whole_batch, stop_together, always_update, stop_idx):
     gen = _gen("ts", dtype, B, whole_batch, stop_together, always_update, stop_idx)
-    scal = (torch.rand(B, 4, generator=gen, dtype=torch.float64) * 2).to(dtype).to(DEVICE)
+    scal = (torch.rand(B, 4, generator=gen.gen, dtype=torch.float64) * 2).to(dtype).to(DEVICE)
     sq = scal[:, 2:]                                  # Broyden passes this strided view
     if B > 1:
         sq[1, 0] = NAN                                # f went non-finite for sample 1
-    lowest = (torch.rand(B, 2, generator=gen, dtype=torch.float64) * 1.5).to(dtype).to(DEVICE)
+    lowest = (torch.rand(B, 2, generator=gen.gen, dtype=torch.float64) * 1.5).to(dtype).to(DEVICE)
     best_step = torch.zeros(B, 2, dtype=dtype, device=DEVICE)
-    trace = torch.full((4, B, 2), NAN, dtype=dtype, device=DEVICE)
-    active = _flags(gen, B)
+    trace = nan_empty((4, B, 2), dtype, DEVICE)
+    active = gen.flags(B)
     improved = torch.zeros(B, dtype=torch.bool, device=DEVICE)
     got = [lowest, best_step, trace, active, improved]
     want = _clone(got)
@@ -335,7 +310,7 @@ def test_track_status(dtype, B, whole_batch, stop_together, always_update, stop_
             always_update, 1e-9)
     K.track_status(sq, *got, *args)
     R.track_status(sq, *want, *args)
-    assert_outputs(["lowest", "best_step", "trace", "active", "improved"], got, want, TOL[dtype])
+    assert_outputs(["lowest", "best_step", "trace", "active", "improved"], got, want, KERNEL_TOL[dtype])
 
 
 @pytest.mark.parametrize("whole_batch,stop_together", [(False, False), (True, True)])
@@ -343,9 +318,9 @@ def test_track_status_several_blocks(whole_batch, stop_together):
     """B > 1024: the single program loops over batch blocks (sums and ``any`` across blocks)."""
     B = 1500
     gen = _gen("ts-big", whole_batch, stop_together)
-    sq = torch.rand(B, 2, generator=gen).to(DEVICE)
+    sq = torch.rand(B, 2, generator=gen.gen).to(DEVICE)
     sq[:, 1] += 1.0
-    lowest = torch.rand(B, 2, generator=gen).to(DEVICE)
+    lowest = torch.rand(B, 2, generator=gen.gen).to(DEVICE)
     got = [lowest, torch.zeros(B, 2, device=DEVICE), torch.full((2, B, 2), NAN, device=DEVICE),
            torch.ones(B, dtype=torch.bool, device=DEVICE),
            torch.zeros(B, dtype=torch.bool, device=DEVICE)]
@@ -354,7 +329,7 @@ def test_track_status_several_blocks(whole_batch, stop_together):
     K.track_status(sq, *got, *args)
     R.track_status(sq, *want, *args)
     assert_outputs(["lowest", "best_step", "trace", "active", "improved"], got, want,
-                   TOL[torch.float32])
+                   KERNEL_TOL[torch.float32])
 
 
 # ------------------------------------------------------------------------ boundary and registry
@@ -412,12 +387,12 @@ def test_opcheck(name):
 # ------------------------------------------------------------------------------- end to end
 def _problem(B=3, D=37, dtype=torch.float32):
     gen = _gen("e2e", B, D)
-    W = (torch.randn(D, D, generator=gen) * 0.4 / D ** 0.5).to(dtype).to(DEVICE)
-    bias = torch.randn(B, D, generator=gen).to(dtype).to(DEVICE)
+    W = (torch.randn(D, D, generator=gen.gen) * 0.4 / D ** 0.5).to(dtype).to(DEVICE)
+    bias = torch.randn(B, D, generator=gen.gen).to(dtype).to(DEVICE)
     return (lambda z: torch.tanh(z @ W + bias)), torch.zeros(B, D, dtype=dtype, device=DEVICE)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DT_IDS.get)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("method", ["anderson", "broyden", "fixed_point"])
 def test_solve_triton_equals_torch(method, dtype):
     f, x0 = _problem(dtype=dtype)

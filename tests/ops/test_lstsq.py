@@ -7,17 +7,16 @@ import os
 import pytest
 import torch
 
-from deq_fast.ops import extension
-from deq_fast.ops import lstsq
+from deq_fast.ops import extension, lstsq
 from deq_fast.ops.lstsq import anderson_lstsq, anderson_lstsq_reference
+from deq_fast.testing import LSTSQ_TOL
 
 # The built op is tested unless the run explicitly opted out of the extension.
 needs_ext = pytest.mark.skipif(os.environ.get("DEQ_FAST_NO_EXT") == "1",
                                reason="DEQ_FAST_NO_EXT=1: the extension is deliberately not used")
 
-# Both implementations solve in float64 and round once at the end: fp32 differs by output
-# rounding, fp64 by summation order inside a well-conditioned n x n solve.
-TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float64: dict(rtol=1e-9, atol=1e-11)}
+# LSTSQ_TOL: both implementations solve in float64 and round once at the end: fp32 differs by
+# output rounding, fp64 by summation order inside a well-conditioned n x n solve.
 
 
 def random_gram(batch: int, m: int, dtype: torch.dtype, seed: int, d: int = 37) -> torch.Tensor:
@@ -65,10 +64,10 @@ def test_op_matches_reference(batch, m, n, dtype, scaled):
     out = torch.ops.deq_fast.anderson_lstsq(gram, n, newest, lam, scaled)
     ref = anderson_lstsq_reference(gram, n, newest, lam, scaled)
     assert out.shape == (batch, m) and out.dtype == dtype
-    torch.testing.assert_close(out, ref, **TOL[dtype])
+    torch.testing.assert_close(out, ref, **LSTSQ_TOL[dtype])
     assert torch.all(out[:, n:] == 0)
     torch.testing.assert_close(out[:, :n].double().sum(-1), torch.ones(batch, dtype=torch.float64),
-                               **TOL[dtype])
+                               **LSTSQ_TOL[dtype])
 
 
 @pytest.mark.parametrize("impl", ["op", "reference"])
@@ -153,10 +152,10 @@ def test_public_uses_extension_unless_disabled(monkeypatch):
     gram = random_gram(2, 5, torch.float32, seed=5)
     expected = reference(gram, 4, 1, 1e-4, True)
     monkeypatch.setenv("DEQ_FAST_NO_EXT", "1")
-    torch.testing.assert_close(anderson_lstsq(gram, 4, 1, 1e-4, True), expected, **TOL[torch.float32])
+    torch.testing.assert_close(anderson_lstsq(gram, 4, 1, 1e-4, True), expected, **LSTSQ_TOL[torch.float32])
     assert len(calls) == 1
     monkeypatch.delenv("DEQ_FAST_NO_EXT")
-    torch.testing.assert_close(anderson_lstsq(gram, 4, 1, 1e-4, True), expected, **TOL[torch.float32])
+    torch.testing.assert_close(anderson_lstsq(gram, 4, 1, 1e-4, True), expected, **LSTSQ_TOL[torch.float32])
     assert len(calls) == (1 if extension.load() is not None else 2)
 
 

@@ -59,7 +59,8 @@ def _einsum_map(D, seed=0):
     W = 0.5 * torch.randn(D, D, generator=g, dtype=torch.float64) / D ** 0.5
     b = torch.randn(D, generator=g, dtype=torch.float64)
     # (B, D, 1) state; einsum/transposes give outputs with other strides than the input
-    return lambda z: torch.tanh(torch.einsum("ij,bjl->bil", W, z) + b[:, None]).transpose(0, 2).contiguous().transpose(0, 2)
+    return lambda z: (torch.tanh(torch.einsum("ij,bjl->bil", W, z) + b[:, None])
+                      .transpose(0, 2).contiguous().transpose(0, 2))
 
 
 @pytest.mark.parametrize("name", TQ_SOLVERS)

@@ -8,20 +8,11 @@ import deq_fast
 from deq_fast.ops import table
 from deq_fast.solvers.engine import MAIN_PASS
 from deq_fast.profiling import OpCounter
+from deq_fast.testing import linear_problem
 
 METHODS = ["anderson", "broyden", "fixed_point"]
 # fixed point contracts at rate 0.6 here: it needs more iterations than the accelerated methods
 BUDGET = {"anderson": 60, "broyden": 40, "fixed_point": 80}
-
-
-def linear_problem(B, D, radius=0.6, seed=0, dtype=torch.float64):
-    """f(z) = A z + c per sample with ||A|| = radius: the exact fixed point is known."""
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
-    A = (radius * Q).to(dtype)
-    c = torch.randn(B, D, generator=g, dtype=torch.float64).to(dtype)
-    z_star = torch.linalg.solve(torch.eye(D, dtype=torch.float64) - Q * radius, c.double().T).T
-    return (lambda z: z @ A.T + c), z_star
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -42,7 +33,8 @@ def test_a_sample_does_not_depend_on_the_batch(method):
     """Per-sample norms and stopping: solving a sample alone gives the same answer and step."""
     g = torch.Generator().manual_seed(4)
     W = torch.randn(12, 12, generator=g, dtype=torch.float64) / 12 ** 0.5 * 0.7
-    b = torch.randn(5, 12, generator=g, dtype=torch.float64) * torch.tensor([0.01, 1, 3, 0.1, 10.0])[:, None].double()
+    scales = torch.tensor([0.01, 1, 3, 0.1, 10.0]).double()   # float32 values, as before
+    b = torch.randn(5, 12, generator=g, dtype=torch.float64) * scales[:, None]
     f = lambda z: torch.tanh(z @ W.T + b[: z.shape[0]] if z.shape[0] == 5 else z @ W.T + b[2:3])  # noqa: E731
     full = deq_fast.solve(f, torch.zeros(5, 12, dtype=torch.float64), method=method, tol=1e-6, max_iter=60)
     alone = deq_fast.solve(f, torch.zeros(1, 12, dtype=torch.float64), method=method, tol=1e-6, max_iter=60)

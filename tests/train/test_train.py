@@ -16,8 +16,8 @@ import torch
 from deq_fast import train
 from deq_fast.models import get_config
 from deq_fast.train import cli, loop
-from deq_fast.train.config import TrainConfig, TrainingError, resolve_config, resume_config
 from deq_fast.train.checkpoint import CKPT_NAME, load_checkpoint
+from deq_fast.train.config import TrainConfig, TrainingError, resolve_config, resume_config
 from deq_fast.train.records import EpochStats, atomic_write_bytes
 
 # Small and quick: 6 steps per epoch on the digits, warm-up of 3 steps, short solves.
@@ -450,8 +450,9 @@ def test_console_script_dispatch(capsys, digits_run):
 
 def test_mdeq_tiny_on_cifar10_files(tmp_path):
     """The CIFAR-10 path end to end (uint8 batches, normalisation, crop+flip) on tiny files."""
-    import numpy as np
     import pickle
+
+    import numpy as np
     rng = np.random.default_rng(0)
     for name, n in [(f"data_batch_{i}", 2) for i in range(1, 6)] + [("test_batch", 3)]:
         entry = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),

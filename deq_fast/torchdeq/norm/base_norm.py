@@ -32,7 +32,14 @@ def register_norm_module(module_class: type, norm_type: str, names: Any = "weigh
     under ``norm_type``.
 
     Example:
+        >>> class ImplicitLayer(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.W, self.U = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8, 4))
         >>> register_norm_module(ImplicitLayer, "weight_norm", names=["W", "U"], dims=[0, 0])
+        >>> layer = ImplicitLayer(); apply_norm(layer, "weight_norm")
+        >>> sorted(name for name, _ in layer.named_parameters())
+        ['U_g', 'U_v', 'W_g', 'W_v']
     """
     if norm_type not in _norm_class:
         raise ValueError(f"norm_type must be one of {sorted(_norm_class)}, got {norm_type!r}")
@@ -61,7 +68,10 @@ def apply_norm(model: nn.Module, norm_type: str = "weight_norm",
         **norm_kwargs: passed to the normalisation class's ``apply`` (``learn_scale``, ...).
 
     Example:
+        >>> model = nn.ModuleDict({"embedding": nn.Linear(4, 8), "cell": nn.Linear(8, 8)})
         >>> apply_norm(model, "weight_norm", filter_out=["embedding"])
+        >>> sorted(name for name, _ in model.named_parameters() if name.endswith("_g"))
+        ['cell.weight_g']
     """
     cfg = DEQConfig(args)
     cfg.update(**norm_kwargs)

@@ -7,9 +7,10 @@ a NaN sample keeps its best finite estimate, an unknown key raises ``ValueError`
 """
 from deq_fast.compat.torchdeq import get_solver, register_solver
 
-from .anderson import anderson_solver
-from .broyden import broyden_solver
-from .fp_iter import fixed_point_iter, simple_fixed_point_iter
+# torchdeq.solver's namespace also holds the solver functions (outside __all__, as in torchdeq)
+from .anderson import anderson_solver as anderson_solver
+from .broyden import broyden_solver as broyden_solver
+from .fp_iter import fixed_point_iter as fixed_point_iter, simple_fixed_point_iter as simple_fixed_point_iter
 from .utils import solver_stat_from_final_step
 
 __all__ = ["register_solver", "get_solver", "solver_stat_from_final_step"]

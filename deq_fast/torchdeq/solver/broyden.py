@@ -10,7 +10,13 @@ import torch
 from deq_fast.compat.torchdeq import broyden_solver
 from deq_fast.solvers.linesearch import armijo_search
 
-from .utils import batch_flatten, init_solver_info, solver_stat_from_info, update_state
+# torchdeq's module namespace: these helpers are importable from here, as in torchdeq
+from .utils import (
+    batch_flatten as batch_flatten,
+    init_solver_info as init_solver_info,
+    solver_stat_from_info as solver_stat_from_info,
+    update_state as update_state,
+)
 
 __all__ = ["broyden_solver"]
 

@@ -59,7 +59,10 @@ def solver_stat_from_final_step(z, fz, nstep: float = 0) -> SolverStat:
     """Statistics of one step ``z -> fz`` (see :meth:`SolverStat.from_final_step`).
 
     Example:
+        >>> z = torch.ones(2, 4); f = lambda z: 0.5 * z
         >>> info = solver_stat_from_final_step(z, f(z), nstep=1)
+        >>> info["abs_lowest"], info["nstep"]                  # ||f(z) - z|| per sample
+        (tensor([1., 1.]), tensor([1., 1.]))
     """
     return SolverStat.from_final_step(z, fz, nstep=nstep)
 

@@ -88,7 +88,13 @@ def mem_gc(func: nn.Module, in_args: Sequence[Any] | None = None) -> Any:
         ``func(*in_args)``.
 
     Example:
+        >>> ffn = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        >>> x = torch.randn(4, 8, requires_grad=True)
         >>> y = mem_gc(ffn, (x,))         # same value and gradients as ffn(x)
+        >>> torch.allclose(y, ffn(x))
+        True
+        >>> y.sum().backward(); x.grad.shape
+        torch.Size([4, 8])
     """
     in_args = tuple(in_args) if in_args else ()
     return DEQGradCkpt.apply(func, len(in_args), *in_args, *DEQGradCkpt.fetch_params(func))
