@@ -41,8 +41,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from deq_fast.ops import backends, extension
-from deq_fast.ops import backward as bwd
+from deq_fast.ops import backends, backward as bwd, extension
 from deq_fast.ops.anderson import anderson_mix_reference, anderson_residual_reference
 from deq_fast.ops.broyden import broyden_dots_reference, broyden_update_reference
 from deq_fast.ops.fixed_point import fixed_point_advance_reference, residual_norms_reference

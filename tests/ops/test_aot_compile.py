@@ -18,7 +18,6 @@ import subprocess
 import sys
 
 import pytest
-
 import triton  # noqa: F401  (a declared test dependency: imported, never skipped)
 
 pytestmark = pytest.mark.slow   # one ahead-of-time compile of every kernel variant: ~25 s
@@ -57,7 +56,6 @@ def signature(arg_names, state: str, acc: str, constexprs: dict) -> dict:
 
 def compile_all() -> dict:
     """Compile every case (runs in the subprocess); returns ``{case id: facts or error}``."""
-    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 

@@ -6,8 +6,8 @@ import torch
 
 import deq_fast
 from deq_fast.ops import table
-from deq_fast.solvers.engine import MAIN_PASS
 from deq_fast.profiling import OpCounter
+from deq_fast.solvers.engine import MAIN_PASS
 from deq_fast.testing import linear_problem
 
 METHODS = ["anderson", "broyden", "fixed_point"]
