@@ -1,6 +1,7 @@
 """Count what a solver dispatches: ATen ops (a launch proxy) and host syncs, excluding ``f``.
 
-DESIGN.md §4: absolute times on shared machines are noise, counts are not. ``OpCounter`` is a
+docs/design.md#measuring-performance: absolute times on shared machines are noise, counts are not.
+``OpCounter`` is a
 ``TorchDispatchMode`` that counts every op reaching the dispatcher (views included), and host
 syncs as ``aten._local_scalar_dense`` (what ``.item()``, ``bool(t)`` and ``float(t)`` dispatch
 to). Wrap ``f`` with :meth:`OpCounter.exclude` so its own ops are not charged to the solver.

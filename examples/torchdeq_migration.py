@@ -9,7 +9,8 @@ same names with the same contracts::
     # from torchdeq.dropout import VariationalDropout1d, reset_dropout
     from deq_fast import get_deq, apply_norm, reset_norm, VariationalDropout1d, reset_dropout
 
-Differences worth knowing (see COMPAT.md §C): misspelt options raise instead of being ignored,
+Differences worth knowing (see docs/contracts.md#torchdeq-deq-module): misspelt options raise
+instead of being ignored,
 and ``ift=True`` gives the exact implicit gradient (TorchDEQ's default is a 1-step phantom
 gradient; deq_fast's DEQ defaults to the exact one). This script trains the model on the
 scikit-learn digits for a few epochs (a few seconds on a CPU).

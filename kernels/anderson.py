@@ -10,7 +10,7 @@ of ``m``; rows ``>= m`` / ``>= n`` are masked, so a history that is not full rea
 them). Loads are coalesced along ``D``; all products accumulate in the accumulation dtype.
 A split-D grid would fill more SMs for tiny batches (see ``fixed_point.py``).
 
-Bytes per iteration (DESIGN.md §4), ``s`` = state element size:
+Bytes per iteration (docs/design.md#measuring-performance), ``s`` = state element size:
     pass 1: (m + 3)·B·D·s      pass 2: (n + 1)·B·D·s  (+ n·B·D·s when beta != 1,
                                                        + 2·B·D·s for samples that improved)
     together about (2m + 4)·B·D·s once the ring is full, against about 62·B·D·4 for TorchDEQ.

@@ -17,7 +17,8 @@ Methods (``J^T v`` = one VJP ``torch.autograd.grad(fz, z, v, retain_graph=True)`
 * ``"fixed_point"``: ``g <- grad + J^T g`` (TorchDEQ's backward).
 * ``"anderson"``: Anderson acceleration (window ``m``) on ``T(g) = grad + J^T g``, per sample,
   ridge ``lam * trace(Gram) / n`` scaled to the Gram matrix (an absolute ridge stalls Anderson
-  once residuals are small, COMPAT.md B); a degenerate least-squares system (e.g. an all-zero
+  once residuals are small, docs/contracts.md#torchdeq-solvers); a degenerate least-squares system
+  (e.g. an all-zero
   Gram matrix) mixes one-hot at the newest entry, as the forward Anderson does.
 * ``"broyden"``: good Broyden on ``r(g) = T(g) - g`` with inverse estimate
   ``H = -I + U V^T``; memory ``min(restart, max_iter)`` pairs, restarted (``H = -I``) when

@@ -1,6 +1,7 @@
 """Named model configurations and the training defaults that go with them.
 
-``mdeq-tiny`` and ``mdeq-large`` follow the CIFAR-10 reference sizes of locuslab/deq (COMPAT.md §D:
+``mdeq-tiny`` and ``mdeq-large`` follow the CIFAR-10 reference sizes of locuslab/deq
+(docs/contracts.md#mdeq-reference-configurations:
 GroupNorm 8 groups, expansion 5, weight norm, one block per branch, Broyden forward and backward
 with relative stopping at 18 / 20 iterations, Adam 1e-3 with a cosine schedule, warm-up of
 unrolled weight-tied layers). ``mdeq-digits`` is sized for the embedded 8x8 digits so that the

@@ -1,6 +1,7 @@
 """Multiscale deep equilibrium model (MDEQ) for image classification.
 
-Structure (Bai, Koltun, Kolter, "Multiscale Deep Equilibrium Models", 2020; COMPAT.md §D):
+Structure (Bai, Koltun, Kolter, "Multiscale Deep Equilibrium Models", 2020;
+docs/contracts.md#mdeq-reference-configurations):
 
 * a stem turns the image into the **injection** ``u`` for the highest-resolution branch;
 * the equilibrium cell ``f`` holds ``n`` branches at resolutions ``H/2^i``; each branch runs one

@@ -2,7 +2,8 @@
 
 ``get_deq(**options)`` returns a :class:`DEQ` module called as
 ``deq(func, z_init, solver_kwargs=None, sradius_mode=False, backward_writer=None)`` that returns
-``(z_out, info)``, with TorchDEQ's option names and defaults (the TorchDEQ contract, COMPAT.md §C)
+``(z_out, info)``, with TorchDEQ's option names and defaults (the TorchDEQ contract,
+docs/contracts.md#torchdeq-deq-module)
 except:
 
 * **When the caller says nothing about the gradient, it is exact implicit differentiation**: the

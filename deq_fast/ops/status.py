@@ -20,7 +20,8 @@ Math (``s = sq`` per sample, or ``sq`` summed over the batch when ``whole_batch`
 NaN never enters ``lowest`` (comparisons with NaN are false), so a sample whose ``f`` went
 non-finite keeps its best finite iterate; per sample it stops at once, and under the batch rule it
 no longer holds the batch back (TorchDEQ iterates to ``max_iter`` then). Shapes: ``sq [B, 2]``,
-``lowest``/``best_step [B, 2]``, ``trace [T, B, 2]`` in the accumulation dtype (float32, or float64 for float64 states);
+``lowest``/``best_step [B, 2]``, ``trace [T, B, 2]`` in the accumulation dtype (float32, or float64
+for float64 states);
 ``active``/``improved [B]`` bool. Bytes moved: O(B), negligible next to the O(B·D) passes.
 """
 from __future__ import annotations

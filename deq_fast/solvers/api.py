@@ -4,7 +4,8 @@ Broyden factors, the backend that ran).
 
 Defaults differ from the drop-in APIs where the references are known to be weak: per-sample
 stopping (a sample's result never depends on the rest of the batch) and an Anderson ridge scaled to
-the Gram matrix (an absolute ridge swamps the Gram matrix once residuals are small, COMPAT.md §B).
+the Gram matrix (an absolute ridge swamps the Gram matrix once residuals are small,
+docs/contracts.md#torchdeq-solvers).
 """
 from __future__ import annotations
 

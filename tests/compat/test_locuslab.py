@@ -1,6 +1,7 @@
 """The locuslab/deq-style API against an oracle written from the original's formulas.
 
-The oracle below is a direct, unfused restatement of COMPAT.md §A (whole-batch norms, bordered
+The oracle below is a direct, unfused restatement of docs/contracts.md#locuslabdeq-solvers
+(whole-batch norms, bordered
 least squares solved with ``torch.linalg.solve`` in float64, ``.item()`` every iteration, the
 original's stop rules and trace padding). It is independent of the engine: no shared code.
 """

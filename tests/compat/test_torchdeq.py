@@ -108,7 +108,8 @@ def test_simple_fixed_point_iter_matches():
 
 
 # --------------------------------------------------------------------------- dispatch counts
-# DESIGN.md §4: ops dispatched per iteration (excluding f) and host syncs per solve. Counts are
+# docs/design.md#measuring-performance: ops dispatched per iteration (excluding f) and host syncs
+# per solve. Counts are
 # deterministic, so they are asserted; times are only reported by the benchmarks.
 
 @pytest.mark.parametrize("name", ["anderson", "broyden"])

@@ -121,7 +121,8 @@ def test_broyden_factors_satisfy_the_secant_condition():
 
 
 def test_scaled_ridge_keeps_anderson_fast_at_tight_tolerance():
-    """COMPAT.md §B: with five eigenvalues in [0.9, 0.95] and rel tol 1e-8 (float64), TorchDEQ's
+    """docs/contracts.md#torchdeq-solvers: with five eigenvalues in [0.9, 0.95] and rel tol 1e-8
+    (float64), TorchDEQ's
     absolute ridge swamps the shrinking Gram matrix and Anderson stalls; ours is relative."""
     g = torch.Generator().manual_seed(2)
     Q, _ = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))

@@ -57,7 +57,7 @@ DEQ_FAST_HOST_DEVICE inline TrackDecision track_decision(double rel, double best
 // alpha = argmin || sum_i alpha_i G_i ||^2 + reg ||alpha||^2  s.t.  sum_i alpha_i = 1 over the last
 // n residuals is anderson_lstsq_solve (anderson_lstsq.h) with the scaled ridge
 // reg = lam * trace(Gram) / n: an absolute ridge swamps the Gram matrix once residuals are small
-// and Anderson degrades to damped plain iteration (COMPAT.md B).
+// and Anderson degrades to damped plain iteration (docs/contracts.md#torchdeq-solvers).
 constexpr int kAndersonWork = anderson_lstsq_work_size(kMaxHistory);
 
 // ---- GMRES: Givens rotations on the Hessenberg column -----------------------------------------
