@@ -65,30 +65,33 @@ def main(argv: list[str] | None = None) -> int:
     # forward Broyden: [B, L, D] rings, n written
     U, V = torch.zeros(B, L, D), torch.zeros(B, L, D)
     U[:, :n], V[:, :n] = rnd(B, n, D, scale=0.1), rnd(B, n, D, scale=0.1)
-    g, ab, scal = torch.empty(B, D), torch.zeros(B, 2, L), torch.zeros(B, 4)
+    g, g_old, abc, scal = torch.empty(B, D), rnd(B, D), torch.zeros(B, 3, L), torch.zeros(B, 4)
     best = x.clone()
     flags = torch.ones(B, dtype=torch.bool)
-    ops.broyden_dots.default(x, fx, g, dx, U, V, ab, scal, n)
+    ops.broyden_dots.default(x, fx, g_old, g, dx, U, V, abc, scal, n)
     cache: dict = {}
-    dots_bytes = 2 * n + 4
+    dots_bytes = 2 * n + 5          # read x, fx, g_old, dx, n rows of U and V; write g
     rows.append(("fwd broyden_dots  torch", timed(
-        lambda: broyden_dots_reference(x, fx, g, dx, U, V, ab, scal, n, cache=cache), args.reps),
+        lambda: broyden_dots_reference(x, fx, g_old, g, dx, U, V, abc, scal, n, cache=cache),
+        args.reps),
         dots_bytes))
     rows.append(("fwd broyden_dots  C++", timed(
-        lambda: ops.broyden_dots.default(x, fx, g, dx, U, V, ab, scal, n), args.reps), dots_bytes))
+        lambda: ops.broyden_dots.default(x, fx, g_old, g, dx, U, V, abc, scal, n), args.reps),
+        dots_bytes))
     # the update mutates x, dx, U, V: time it on copies so every call sees the same state
     Us, Vs, xs, dxs = U.clone(), V.clone(), x.clone(), dx.clone()
 
     def reset():
         Us.copy_(U), Vs.copy_(V), xs.copy_(x), dxs.copy_(dx)
 
-    upd_bytes = 2 * n + 8
+    upd_bytes = 2 * n + 8            # read x, g, g_old, dx, n rows of U and V; write u, v, dx, x
 
     def ref_update():
-        broyden_update_reference(xs, g, dxs, Us, Vs, ab, scal, best, flags, flags, n, n, cache=cache)
+        broyden_update_reference(xs, g, g_old, dxs, Us, Vs, abc, scal, best, flags, flags, n, n,
+                                 cache=cache)
 
     def cpp_update():
-        ops.broyden_update.default(xs, g, dxs, Us, Vs, ab, scal, best, flags, flags, n, n)
+        ops.broyden_update.default(xs, g, g_old, dxs, Us, Vs, abc, scal, best, flags, flags, n, n)
 
     t_reset = timed(reset, args.reps)
     rows.append(("fwd broyden_update torch", timed(lambda: (reset(), ref_update()), args.reps)

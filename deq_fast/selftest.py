@@ -81,17 +81,18 @@ def _case(op: str, B: int, D: int, dtype: torch.dtype, big: bool, dev: str):
         U[:, :n_valid] = r.randn((B, n_valid, D), dtype, 0.2)
         V[:, :n_valid] = r.randn((B, n_valid, D), dtype, 0.2)
         dx = r.randn((B, D), dtype, 0.3)
-        ab = r.full((B, 2, L), 0.0, acc)
+        g_old = r.randn((B, D), dtype)
+        abc = r.full((B, 3, L), 0.0, acc)
         if op == "broyden_dots":
-            ab[:, :, :n_valid] = NAN
-            return [x, fx, r.full((B, D), NAN, dtype), dx, U, V, ab, r.full((B, 4), NAN, acc),
-                    n_valid], {"g": 2, "ab": 6, "scal": 7}
+            abc[:, :, :n_valid] = NAN
+            return [x, fx, g_old, r.full((B, D), NAN, dtype), dx, U, V, abc,
+                    r.full((B, 4), NAN, acc), n_valid], {"g": 3, "abc": 7, "scal": 8}
         from deq_fast.ops.broyden import broyden_dots_reference
         g, scal = torch.empty_like(x), r.full((B, 4), NAN, acc)
-        broyden_dots_reference(x, fx, g, dx, U, V, ab, scal, n_valid)
+        broyden_dots_reference(x, fx, g_old, g, dx, U, V, abc, scal, n_valid)
         slot = 2 if big else n_valid
-        return [x, g, dx, U, V, ab, scal, r.randn((B, D), dtype), r.flags(B), r.flags(B), slot,
-                n_valid], {"x": 0, "dx": 2, "U": 3, "V": 4, "best": 7}
+        return [x, g, g_old, dx, U, V, abc, scal, r.randn((B, D), dtype), r.flags(B), r.flags(B),
+                slot, n_valid], {"x": 0, "dx": 3, "U": 4, "V": 5, "best": 8}
     if op == "track_status":
         sq = torch.rand(B, 2, generator=r.gen, dtype=torch.float64).to(dtype).to(dev) * 2
         lowest = torch.rand(B, 2, generator=r.gen, dtype=torch.float64).to(dtype).to(dev) * 1.5

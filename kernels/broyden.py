@@ -2,18 +2,20 @@
 ``broyden_update``.
 
 Semantics: the pure-torch references in ``deq_fast/ops/broyden.py`` (this package never imports
-them). ``H = -I + sum_l U[:, l] V[:, l]^T`` with rings ``U, V [B, L, D]`` (state dtype) of which
-``n_valid`` slots are written; rows ``>= n_valid`` of ``U``/``V`` and entries ``>= n_valid`` of
-``ab`` are zero (the engine's invariant), so the kernels read only ``n_valid`` rows.
+them; the formula, ``u = (dx - H dg) / <v, dg>`` with ``dg = g - g_old`` formed elementwise, is
+derived there). ``H = -I + sum_l U[:, l] V[:, l]^T`` with rings ``U, V [B, L, D]`` (state dtype)
+of which ``n_valid`` slots are written; rows ``>= n_valid`` of ``U``/``V`` and entries
+``>= n_valid`` of ``abc`` are zero (the engine's invariant), so the kernels read only ``n_valid``
+rows.
 
 Grid: one program per sample looping over ``D`` in ``BLOCK_D`` chunks with the ring as the other
 axis of an ``[L_PAD, BLOCK_D]`` tile (``L_PAD`` = next power of two of ``L``; the tile budget
-shrinks ``BLOCK_D`` for long rings). All products accumulate in ``ab``'s dtype (float32, float64
+shrinks ``BLOCK_D`` for long rings). All products accumulate in ``abc``'s dtype (float32, float64
 for float64 states). A split-D grid would fill more SMs for tiny batches (see ``fixed_point.py``).
 
 Bytes per iteration (DESIGN.md §4), ``s`` = state element size, ``n = n_valid``:
-    pass 1: (2n + 4)·B·D·s       pass 2: (2n + 7)·B·D·s  (+ B·D·s for improved samples)
-    together about (4L + 11)·B·D·s once the ring is full.
+    pass 1: (2n + 5)·B·D·s       pass 2: (2n + 8)·B·D·s  (+ B·D·s for improved samples)
+    together (4n + 13)·B·D·s, (4L + 13)·B·D·s once the ring is full.
 """
 from __future__ import annotations
 
@@ -29,19 +31,20 @@ __all__ = ["broyden_dots", "broyden_update"]
 
 
 @triton.jit
-def _broyden_dots_kernel(x_ptr, fx_ptr, g_ptr, dx_ptr, U_ptr, V_ptr, ab_ptr, scal_ptr, n_valid, D,
-                         L, stride_x, stride_fx, stride_g, stride_dx, stride_Ub, stride_Ul,
-                         stride_Vb, stride_Vl, stride_ab, stride_scal, L_PAD: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+def _broyden_dots_kernel(x_ptr, fx_ptr, g_old_ptr, g_ptr, dx_ptr, U_ptr, V_ptr, abc_ptr, scal_ptr,
+                         n_valid, D, L, stride_x, stride_fx, stride_go, stride_g, stride_dx,
+                         stride_Ub, stride_Ul, stride_Vb, stride_Vl, stride_abc, stride_scal,
+                         L_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
     """Pass 1 for sample ``b = program_id(0)``::
 
         g[b] = fx[b] - x[b]                                  (stored, state dtype)
-        ab[b, 0, l] = a_l = <U[b, l], dx[b]>;  ab[b, 1, l] = b_l = <V[b, l], g[b]>
+        dg = g[b] - g_old[b]                                 (not stored)
+        abc[b, 0, l] = <U[b, l], dx[b]>;  abc[b, 1, l] = <V[b, l], g[b]>;  abc[b, 2, l] = <V[b, l], dg>
                                                              (zero for l >= n_valid)
-        scal[b] = [<dx, g>, ||dx||^2, ||g||^2, ||fx||^2]
+        scal[b] = [<dx, g>, <dx, dg>, ||g||^2, ||fx||^2]
 
     Accumulation: ``scal``'s dtype, elementwise in ``[L_PAD, BLOCK_D]`` tiles reduced once.
-    Bytes: read x, fx, dx, n_valid rows of U and V; write g -> ``(2·n_valid + 4)·B·D·size``.
+    Bytes: read x, fx, g_old, dx, n_valid rows of U and V; write g -> ``(2·n_valid + 5)·B·D·size``.
     """
     ACC = scal_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
@@ -50,8 +53,9 @@ def _broyden_dots_kernel(x_ptr, fx_ptr, g_ptr, dx_ptr, U_ptr, V_ptr, ab_ptr, sca
     rm = rows < n_valid
     acc_a = tl.zeros([L_PAD, BLOCK_D], dtype=ACC)
     acc_b = tl.zeros([L_PAD, BLOCK_D], dtype=ACC)
-    dg = tl.zeros([BLOCK_D], dtype=ACC)
-    dd = tl.zeros([BLOCK_D], dtype=ACC)
+    acc_c = tl.zeros([L_PAD, BLOCK_D], dtype=ACC)
+    s_dg = tl.zeros([BLOCK_D], dtype=ACC)
+    s_ddg = tl.zeros([BLOCK_D], dtype=ACC)
     gg = tl.zeros([BLOCK_D], dtype=ACC)
     ff = tl.zeros([BLOCK_D], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
@@ -63,6 +67,7 @@ def _broyden_dots_kernel(x_ptr, fx_ptr, g_ptr, dx_ptr, U_ptr, V_ptr, ab_ptr, sca
         g = (fv.to(ACC) - xv.to(ACC)).to(fv.dtype)
         tl.store(g_ptr + b * stride_g + offs, g, mask=dm)
         ga = g.to(ACC)
+        dga = ga - tl.load(g_old_ptr + b * stride_go + offs, mask=dm, other=0.0).to(ACC)
         da = tl.load(dx_ptr + b * stride_dx + offs, mask=dm, other=0.0).to(ACC)
         fa = fv.to(ACC)
         tmask = rm[:, None] & dm[None, :]
@@ -72,41 +77,45 @@ def _broyden_dots_kernel(x_ptr, fx_ptr, g_ptr, dx_ptr, U_ptr, V_ptr, ab_ptr, sca
                      other=0.0).to(ACC)
         acc_a += Ut * da[None, :]
         acc_b += Vt * ga[None, :]
-        dg += da * ga
-        dd += da * da
+        acc_c += Vt * dga[None, :]
+        s_dg += da * ga
+        s_ddg += da * dga
         gg += ga * ga
         ff += fa * fa
     lm = rows < L
-    tl.store(ab_ptr + b * stride_ab + rows, tl.sum(acc_a, axis=1), mask=lm)
-    tl.store(ab_ptr + b * stride_ab + L + rows, tl.sum(acc_b, axis=1), mask=lm)
+    tl.store(abc_ptr + b * stride_abc + rows, tl.sum(acc_a, axis=1), mask=lm)
+    tl.store(abc_ptr + b * stride_abc + L + rows, tl.sum(acc_b, axis=1), mask=lm)
+    tl.store(abc_ptr + b * stride_abc + 2 * L + rows, tl.sum(acc_c, axis=1), mask=lm)
     base = scal_ptr + b * stride_scal
-    tl.store(base, tl.sum(dg, axis=0))
-    tl.store(base + 1, tl.sum(dd, axis=0))
+    tl.store(base, tl.sum(s_dg, axis=0))
+    tl.store(base + 1, tl.sum(s_ddg, axis=0))
     tl.store(base + 2, tl.sum(gg, axis=0))
     tl.store(base + 3, tl.sum(ff, axis=0))
 
 
 @triton.jit
-def _broyden_update_kernel(x_ptr, g_ptr, dx_ptr, U_ptr, V_ptr, ab_ptr, scal_ptr, best_ptr,
-                           improved_ptr, active_ptr, slot, n_valid, D, L, stride_x, stride_g,
-                           stride_dx, stride_Ub, stride_Ul, stride_Vb, stride_Vl, stride_ab,
-                           stride_scal, stride_best, L_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Pass 2 for sample ``b = program_id(0)`` (``a, b`` from ``ab``, ``s = slot``)::
+def _broyden_update_kernel(x_ptr, g_ptr, g_old_ptr, dx_ptr, U_ptr, V_ptr, abc_ptr, scal_ptr,
+                           best_ptr, improved_ptr, active_ptr, slot, n_valid, D, L, stride_x,
+                           stride_g, stride_go, stride_dx, stride_Ub, stride_Ul, stride_Vb,
+                           stride_Vl, stride_abc, stride_scal, stride_best, L_PAD: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+    """Pass 2 for sample ``b = program_id(0)`` (``a, b, c`` from ``abc``, ``s = slot``)::
 
         best[b] = x[b]                                       if improved[b]
-        <v, g> = <a, b> - <dx, g>;   den = <v, g> + ||dx||^2
-        nhg = -H g = g - sum_l b_l U_l;   v = sum_l a_l V_l - dx;   u = nhg / den  (NaN, inf -> 0)
-        upd = nhg - <v, g>·u + b_s·U_s(old)                   (= -H' g; the evicted term)
-        if active[b]:  U[b, s] = u;  V[b, s] = v;  dx[b] = upd      else: dx[b] = 0
-        x[b] += dx[b]
+        <v, g> = <a, b> - <dx, g>;   den = <v, dg> = <a, c> - <dx, dg>
+        nhg = -H g = g - sum_l b_l U_l;   v = sum_l a_l V_l - dx
+        u = (dx + dg - sum_l c_l U_l) / den   (= (dx - H dg) / den; NaN, inf -> 0)
+        upd = nhg - <v, g>·u + b_s·U_s(old)                  (= -H' g; the evicted term)
+        if active[b]:  U[b, s] = u;  V[b, s] = v;  x_new = x[b] + upd      else: x_new = x[b]
+        dx[b] = x_new - x[b] (the step as taken, after rounding);  x[b] = x_new
 
-    Accumulation: ``ab``'s dtype (the reference rounds intermediate products to the state dtype
+    Accumulation: ``abc``'s dtype (the reference rounds intermediate products to the state dtype
     for half states: half results agree to half precision). ``x += dx`` adds the stored
     (state-dtype) ``dx``, as the reference does. A barrier before each chunk's stores orders them
     after every thread's loads of ``dx``/``U[s]``/``V[s]`` (the new ``dx`` does not depend on the
     old one, so no data dependency orders them otherwise).
-    Bytes: read x, g, dx, n_valid rows of U and V; write U[s], V[s], dx, x ->
-    ``(2·n_valid + 7)·B·D·size`` (+ B·D·size for the best copy of improved samples).
+    Bytes: read x, g, g_old, dx, n_valid rows of U and V (U once for both sums); write U[s], V[s],
+    dx, x -> ``(2·n_valid + 8)·B·D·size`` (+ B·D·size for the best copy of improved samples).
     """
     ACC = scal_ptr.dtype.element_ty
     DT = x_ptr.dtype.element_ty
@@ -114,10 +123,11 @@ def _broyden_update_kernel(x_ptr, g_ptr, dx_ptr, U_ptr, V_ptr, ab_ptr, scal_ptr,
     rows = tl.arange(0, L_PAD)
     cols = tl.arange(0, BLOCK_D)
     rm = rows < n_valid
-    a = tl.load(ab_ptr + b * stride_ab + rows, mask=rm, other=0.0)
-    bb = tl.load(ab_ptr + b * stride_ab + L + rows, mask=rm, other=0.0)
+    a = tl.load(abc_ptr + b * stride_abc + rows, mask=rm, other=0.0)
+    bb = tl.load(abc_ptr + b * stride_abc + L + rows, mask=rm, other=0.0)
+    cc = tl.load(abc_ptr + b * stride_abc + 2 * L + rows, mask=rm, other=0.0)
     vg = tl.sum(a * bb, axis=0) - tl.load(scal_ptr + b * stride_scal)
-    den = vg + tl.load(scal_ptr + b * stride_scal + 1)
+    den = tl.sum(a * cc, axis=0) - tl.load(scal_ptr + b * stride_scal + 1)
     is_slot = rows[:, None] == slot
     b_s = tl.sum(tl.where(rows == slot, bb, 0.0), axis=0)       # 0 until the ring wraps
     imp = tl.load(improved_ptr + b) != 0
@@ -128,6 +138,7 @@ def _broyden_update_kernel(x_ptr, g_ptr, dx_ptr, U_ptr, V_ptr, ab_ptr, scal_ptr,
         xv = tl.load(x_ptr + b * stride_x + offs, mask=dm, other=0.0)
         tl.store(best_ptr + b * stride_best + offs, xv, mask=dm & imp)
         ga = tl.load(g_ptr + b * stride_g + offs, mask=dm, other=0.0).to(ACC)
+        dga = ga - tl.load(g_old_ptr + b * stride_go + offs, mask=dm, other=0.0).to(ACC)
         da = tl.load(dx_ptr + b * stride_dx + offs, mask=dm, other=0.0).to(ACC)
         tmask = rm[:, None] & dm[None, :]
         Ut = tl.load(U_ptr + b * stride_Ub + rows[:, None] * stride_Ul + offs[None, :], mask=tmask,
@@ -135,11 +146,12 @@ def _broyden_update_kernel(x_ptr, g_ptr, dx_ptr, U_ptr, V_ptr, ab_ptr, scal_ptr,
         Vt = tl.load(V_ptr + b * stride_Vb + rows[:, None] * stride_Vl + offs[None, :], mask=tmask,
                      other=0.0).to(ACC)
         nhg = ga - tl.sum(bb[:, None] * Ut, axis=0)
+        num = (da + dga) - tl.sum(cc[:, None] * Ut, axis=0)
         v = tl.sum(a[:, None] * Vt, axis=0) - da
         if ACC == tl.float64:
-            u = nhg / den
+            u = num / den
         else:                       # IEEE division as torch's (Triton's fp32 '/' is approximate)
-            u = tl.div_rn(nhg, tl.zeros_like(nhg) + den)
+            u = tl.div_rn(num, tl.zeros_like(num) + den)
         u = tl.where(tl.abs(u) < float("inf"), u, 0.0)              # NaN and +-inf -> 0
         u_old = tl.sum(tl.where(is_slot, Ut, 0.0), axis=0)
         upd = nhg - vg * u + b_s * u_old
@@ -148,11 +160,13 @@ def _broyden_update_kernel(x_ptr, g_ptr, dx_ptr, U_ptr, V_ptr, ab_ptr, scal_ptr,
         # a stopped sample keeps its factors (returned for the backward pass) and stays put
         tl.store(U_ptr + b * stride_Ub + slot * stride_Ul + offs, u.to(DT), mask=dm & act)
         tl.store(V_ptr + b * stride_Vb + slot * stride_Vl + offs, v.to(DT), mask=dm & act)
-        tl.store(dx_ptr + b * stride_dx + offs, dxn, mask=dm)
-        tl.store(x_ptr + b * stride_x + offs, (xv.to(ACC) + dxn.to(ACC)).to(DT), mask=dm)
+        xn = (xv.to(ACC) + dxn.to(ACC)).to(DT)
+        # dx = the step actually taken (x_new - x as rounded), the original's x_est - prev_x
+        tl.store(dx_ptr + b * stride_dx + offs, (xn.to(ACC) - xv.to(ACC)).to(DT), mask=dm)
+        tl.store(x_ptr + b * stride_x + offs, xn, mask=dm)
 
 
-def _check_rings(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, ab: torch.Tensor,
+def _check_rings(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, abc: torch.Tensor,
                  scal: torch.Tensor) -> tuple:
     check_state("x", x)
     B, D = x.shape
@@ -163,9 +177,9 @@ def _check_rings(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, ab: torch.Te
     check("x", x, (B, D), x.dtype, x.device)
     check("U", U, (B, L, D), x.dtype, x.device)
     check("V", V, (B, L, D), x.dtype, x.device)
-    check("ab", ab, (B, 2, L), acc, x.device)
-    if ab.stride(1) != L:
-        raise ValueError(f"ab must be contiguous per sample (stride(1) == L), got {ab.stride()}")
+    check("abc", abc, (B, 3, L), acc, x.device)
+    if abc.stride(1) != L:
+        raise ValueError(f"abc must be contiguous per sample (stride(1) == L), got {abc.stride()}")
     check("scal", scal, (B, 4), acc, x.device)
     return B, D, L
 
@@ -177,18 +191,20 @@ def _launch_cfg(D: int, L: int) -> dict:
     return dict(L_PAD=Lp, BLOCK_D=block_d(D, Lp), num_warps=8 if Lp >= 32 else 4)
 
 
-def broyden_dots(x: torch.Tensor, fx: torch.Tensor, g: torch.Tensor, dx: torch.Tensor,
-                 U: torch.Tensor, V: torch.Tensor, ab: torch.Tensor, scal: torch.Tensor,
-                 n_valid: int) -> None:
+def broyden_dots(x: torch.Tensor, fx: torch.Tensor, g_old: torch.Tensor, g: torch.Tensor,
+                 dx: torch.Tensor, U: torch.Tensor, V: torch.Tensor, abc: torch.Tensor,
+                 scal: torch.Tensor, n_valid: int) -> None:
     """Broyden pass 1 in one launch (in place; see ``_broyden_dots_kernel``).
 
     Args:
         x, fx: ``[B, D]`` iterate and ``f(x)`` (float32/float64/float16/bfloat16).
+        g_old: ``[B, D]`` the previous residual (read; a different buffer from ``g``).
         g: ``[B, D]`` output residual ``fx - x``.
-        dx: ``[B, D]`` the previous step.
+        dx: ``[B, D]`` the previous step (the one taken, after any line search).
         U, V: ``[B, L, D]`` rings of the rank-1 factors; rows ``>= n_valid`` are zero.
-        ab: ``[B, 2, L]`` output ``a = U dx``, ``b = V g`` (float32; float64 for float64 states).
-        scal: ``[B, 4]`` output ``[<dx, g>, ||dx||^2, ||g||^2, ||fx||^2]``.
+        abc: ``[B, 3, L]`` output ``a = U dx``, ``b = V g``, ``c = V (g - g_old)`` (float32;
+            float64 for float64 states).
+        scal: ``[B, 4]`` output ``[<dx, g>, <dx, g - g_old>, ||g||^2, ||fx||^2]``.
         n_valid: written ring slots, ``0 <= n_valid <= L``.
 
     Returns:
@@ -197,34 +213,37 @@ def broyden_dots(x: torch.Tensor, fx: torch.Tensor, g: torch.Tensor, dx: torch.T
     Example:
         >>> B, L, D = 3, 4, 37
         >>> x, fx, dx = (torch.randn(B, D, device="cuda") for _ in range(3))
-        >>> g = torch.empty_like(x); U, V = torch.zeros(2, B, L, D, device="cuda")
-        >>> ab, scal = torch.zeros(B, 2, L, device="cuda"), torch.empty(B, 4, device="cuda")
-        >>> broyden_dots(x, fx, g, dx, U, V, ab, scal, n_valid=0)    # ab stays 0, g = fx - x
+        >>> g, g_old = torch.empty_like(x), torch.zeros_like(x)
+        >>> U, V = torch.zeros(2, B, L, D, device="cuda")
+        >>> abc, scal = torch.zeros(B, 3, L, device="cuda"), torch.empty(B, 4, device="cuda")
+        >>> broyden_dots(x, fx, g_old, g, dx, U, V, abc, scal, n_valid=0)   # abc stays 0, g = fx - x
     """
-    B, D, L = _check_rings(x, U, V, ab, scal)
+    B, D, L = _check_rings(x, U, V, abc, scal)
     check("fx", fx, (B, D), x.dtype, x.device, unit_inner=False)
+    check("g_old", g_old, (B, D), x.dtype, x.device)
     check("g", g, (B, D), x.dtype, x.device)
     check("dx", dx, (B, D), x.dtype, x.device)
     if not 0 <= n_valid <= L:
         raise ValueError(f"n_valid must satisfy 0 <= n_valid <= L = {L}, got {n_valid}")
     fx = unit_inner(fx)
     _broyden_dots_kernel[(B,)](
-        x, fx, g, dx, U, V, ab, scal, n_valid, D, L, x.stride(0), fx.stride(0), g.stride(0),
-        dx.stride(0), U.stride(0), U.stride(1), V.stride(0), V.stride(1), ab.stride(0),
-        scal.stride(0), **_launch_cfg(D, L))
+        x, fx, g_old, g, dx, U, V, abc, scal, n_valid, D, L, x.stride(0), fx.stride(0),
+        g_old.stride(0), g.stride(0), dx.stride(0), U.stride(0), U.stride(1), V.stride(0),
+        V.stride(1), abc.stride(0), scal.stride(0), **_launch_cfg(D, L))
 
 
-def broyden_update(x: torch.Tensor, g: torch.Tensor, dx: torch.Tensor, U: torch.Tensor,
-                   V: torch.Tensor, ab: torch.Tensor, scal: torch.Tensor, best: torch.Tensor,
-                   improved: torch.Tensor, active: torch.Tensor, slot: int, n_valid: int) -> None:
+def broyden_update(x: torch.Tensor, g: torch.Tensor, g_old: torch.Tensor, dx: torch.Tensor,
+                   U: torch.Tensor, V: torch.Tensor, abc: torch.Tensor, scal: torch.Tensor,
+                   best: torch.Tensor, improved: torch.Tensor, active: torch.Tensor, slot: int,
+                   n_valid: int) -> None:
     """Broyden pass 2 in one launch: best copy, rank-1 update into slot ``slot``, the step.
 
     Args:
         x: ``[B, D]`` iterate, advanced in place by the new ``dx``.
-        g: ``[B, D]`` residual from :func:`broyden_dots`.
+        g, g_old: ``[B, D]`` residuals as passed to :func:`broyden_dots` (``dg = g - g_old``).
         dx: ``[B, D]`` previous step in, new step out (zero for inactive samples).
         U, V: ``[B, L, D]`` rings; slot ``slot`` is overwritten with ``u``, ``v``.
-        ab, scal: outputs of :func:`broyden_dots`.
+        abc, scal: outputs of :func:`broyden_dots`.
         best: ``[B, D]`` best-so-far estimate, set to ``x`` (before the step) where ``improved``.
         improved, active: ``[B]`` bool.
         slot: ring slot to write, ``0 <= slot < L``.
@@ -234,12 +253,13 @@ def broyden_update(x: torch.Tensor, g: torch.Tensor, dx: torch.Tensor, U: torch.
         None.
 
     Example:
-        >>> # after broyden_dots(x, fx, g, dx, U, V, ab, scal, n_valid=0):
+        >>> # after broyden_dots(x, fx, g_old, g, dx, U, V, abc, scal, n_valid=0):
         >>> flags = torch.ones(3, dtype=torch.bool, device="cuda")
-        >>> broyden_update(x, g, dx, U, V, ab, scal, best, flags, flags, slot=0, n_valid=0)
+        >>> broyden_update(x, g, g_old, dx, U, V, abc, scal, best, flags, flags, slot=0, n_valid=0)
     """
-    B, D, L = _check_rings(x, U, V, ab, scal)
+    B, D, L = _check_rings(x, U, V, abc, scal)
     check("g", g, (B, D), x.dtype, x.device)
+    check("g_old", g_old, (B, D), x.dtype, x.device)
     check("dx", dx, (B, D), x.dtype, x.device)
     check("best", best, (B, D), x.dtype, x.device)
     check("improved", improved, (B,), torch.bool, x.device)
@@ -249,6 +269,7 @@ def broyden_update(x: torch.Tensor, g: torch.Tensor, dx: torch.Tensor, U: torch.
     if not 0 <= n_valid <= L:
         raise ValueError(f"n_valid must satisfy 0 <= n_valid <= L = {L}, got {n_valid}")
     _broyden_update_kernel[(B,)](
-        x, g, dx, U, V, ab, scal, best, improved, active, slot, n_valid, D, L, x.stride(0),
-        g.stride(0), dx.stride(0), U.stride(0), U.stride(1), V.stride(0), V.stride(1),
-        ab.stride(0), scal.stride(0), best.stride(0), **_launch_cfg(D, L))
+        x, g, g_old, dx, U, V, abc, scal, best, improved, active, slot, n_valid, D, L,
+        x.stride(0), g.stride(0), g_old.stride(0), dx.stride(0), U.stride(0), U.stride(1),
+        V.stride(0), V.stride(1), abc.stride(0), scal.stride(0), best.stride(0),
+        **_launch_cfg(D, L))

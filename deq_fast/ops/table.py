@@ -125,12 +125,12 @@ OPS: tuple[OpSpec, ...] = (
            anderson_mix_reference, triton="anderson_mix", triton_fits=_anderson_mix_fits,
            cpp=("CPU",)),  # csrc/cpu/anderson.cpp
     OpSpec("broyden_dots",
-           "(Tensor x, Tensor fx, Tensor(a!) g, Tensor dx, Tensor U, Tensor V, Tensor(b!) ab, "
-           "Tensor(c!) scal, int n_valid) -> ()",
+           "(Tensor x, Tensor fx, Tensor g_old, Tensor(a!) g, Tensor dx, Tensor U, Tensor V, "
+           "Tensor(b!) abc, Tensor(c!) scal, int n_valid) -> ()",
            broyden_dots_reference, triton="broyden_dots", cpp=("CPU",)),
     OpSpec("broyden_update",
-           "(Tensor(a!) x, Tensor g, Tensor(b!) dx, Tensor(c!) U, Tensor(d!) V, Tensor ab, "
-           "Tensor scal, Tensor(e!) best, Tensor improved, Tensor active, int slot, "
+           "(Tensor(a!) x, Tensor g, Tensor g_old, Tensor(b!) dx, Tensor(c!) U, Tensor(d!) V, "
+           "Tensor abc, Tensor scal, Tensor(e!) best, Tensor improved, Tensor active, int slot, "
            "int n_valid) -> ()",
            broyden_update_reference, triton="broyden_update", cpp=("CPU",)),
     OpSpec("residual_norms", "(Tensor x, Tensor fx, Tensor(a!) sq, float tau=1.0) -> ()",

@@ -165,33 +165,41 @@ def _anderson_loop(f: Callable, x: torch.Tensor, tr: _Tracker, n_evals: int) -> 
 def _broyden_loop(f: Callable, x: torch.Tensor, tr: _Tracker, n_evals: int) -> None:
     """Broyden's method with ``H = -I + U^T V`` on rings ``U``, ``V`` ``[B, L, D]``.
 
-    The first step is a plain fixed-point step (``H = -I``); the last only keeps the best.
+    The first step is a plain fixed-point step (``H = -I``); the last only keeps the best. The
+    update is the original's (``deq_fast/ops/broyden.py``) with ``dx`` the step actually taken
+    (``x_new - x_old`` as rounded, after any line search) and ``dg = g - g_old``: ``g`` and
+    ``g_old`` are two buffers that swap roles every iteration (pass 2 reads both).
     """
     opt, ops, st = tr.opt, tr.ops, tr.st
     B, D = x.shape
     L = opt.memory or max(opt.max_iter, 1)
     U = torch.zeros(B, L, D, dtype=x.dtype, device=x.device)
     V = torch.zeros_like(U)
-    g, dx = torch.empty_like(x), torch.zeros_like(x)
-    ab = torch.zeros(B, 2, L, dtype=acc_dtype(x.dtype), device=x.device)
-    scal = torch.empty(B, 4, dtype=ab.dtype, device=x.device)
+    g, g_old, dx = torch.zeros_like(x), torch.zeros_like(x), torch.zeros_like(x)
+    abc = torch.zeros(B, 3, L, dtype=acc_dtype(x.dtype), device=x.device)
+    scal = torch.empty(B, 4, dtype=abc.dtype, device=x.device)
     sq = scal[:, 2:]
     for e in range(n_evals):
         fx = tr.evaluate(f, x)
         if opt.line_search and e > 0:
+            x_prev = x - dx                                  # as search_step forms it
             fx = search_step(lambda y: tr.evaluate(f, y), x, fx, dx, float(sq[:, 0].sum()))
+            torch.sub(x, x_prev, out=dx)                     # the step as taken (rounded)
         n_valid = min(st.n_updates, L)
-        ops.broyden_dots(x, fx, g, dx, U, V, ab, scal, n_valid)
+        ops.broyden_dots(x, fx, g_old, g, dx, U, V, abc, scal, n_valid)
         tr.status(sq, e)
         if e == 0 or e == n_evals - 1:
             torch.where(tr.improved[:, None], x, st.best, out=st.best)
             if e == 0:
                 dx.copy_(g).masked_fill_(~st.active[:, None], 0.0)
-                x += dx
+                x_new = x + dx
+                torch.sub(x_new, x, out=dx)                  # the step as taken (rounded)
+                x.copy_(x_new)
         else:
-            ops.broyden_update(x, g, dx, U, V, ab, scal, st.best, tr.improved, st.active,
+            ops.broyden_update(x, g, g_old, dx, U, V, abc, scal, st.best, tr.improved, st.active,
                                st.n_updates % L, n_valid)
             st.n_updates += 1
+        g, g_old = g_old, g
         if tr.done(e):
             break
     n = min(st.n_updates, L)

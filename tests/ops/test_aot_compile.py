@@ -31,7 +31,7 @@ CASES = [(op, state) for op in OPS for state in STATE_TYPES
          if not (op == "track_status" and state in ("bf16", "fp16"))]
 
 # pointer arguments by role (every kernel names its pointers *_ptr)
-ACC_PTRS = {"gram_ptr", "sq_ptr", "ab_ptr", "scal_ptr", "lowest_ptr", "best_step_ptr", "trace_ptr"}
+ACC_PTRS = {"gram_ptr", "sq_ptr", "abc_ptr", "scal_ptr", "lowest_ptr", "best_step_ptr", "trace_ptr"}
 BOOL_PTRS = {"improved_ptr", "active_ptr"}
 FLOAT_ARGS = {"lam", "beta", "step", "tol", "rel_eps", "tau"}
 BOOL_ARGS = {"scaled", "keep_f", "whole_batch", "stop_together", "always_update"}

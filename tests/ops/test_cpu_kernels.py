@@ -72,14 +72,15 @@ def test_broyden_dots_equals_reference(C, dtype, B, D, L, n_valid):
     gen = _gen("dots", dtype, B, D, L, n_valid)
     U, V = _ring(gen, B, D, L, n_valid, dtype)
     x, fx, dx = _randn(gen, (B, D), dtype), _randn(gen, (B, D), dtype), _randn(gen, (B, D), dtype)
+    g_old = _randn(gen, (B, D), dtype)
     acc = _acc(dtype)
-    got = [torch.full((B, D), NAN, dtype=dtype), torch.full((B, 2, L), NAN, dtype=acc),
+    got = [torch.full((B, D), NAN, dtype=dtype), torch.full((B, 3, L), NAN, dtype=acc),
            torch.full((B, 4), NAN, dtype=acc)]
-    want = [torch.empty(B, D, dtype=dtype), torch.zeros(B, 2, L, dtype=acc),
+    want = [torch.empty(B, D, dtype=dtype), torch.zeros(B, 3, L, dtype=acc),
             torch.empty(B, 4, dtype=acc)]
-    C.broyden_dots.default(x, fx, got[0], dx, U, V, got[1], got[2], n_valid)
-    R.broyden_dots(x, fx, want[0], dx, U, V, want[1], want[2], n_valid)
-    _assert_close(["g", "ab", "scal"], got, want, TOL[dtype])
+    C.broyden_dots.default(x, fx, g_old, got[0], dx, U, V, got[1], got[2], n_valid)
+    R.broyden_dots(x, fx, g_old, want[0], dx, U, V, want[1], want[2], n_valid)
+    _assert_close(["g", "abc", "scal"], got, want, TOL[dtype])
 
 
 # (B, D, L, n_valid, slot, zero_step): first update, partial ring, wrapped ring (evicts slot 2),
@@ -98,34 +99,40 @@ def test_broyden_update_equals_reference(C, dtype, B, D, L, n_valid, slot, zero_
     x, fx, dx = _randn(gen, (B, D), dtype), _randn(gen, (B, D), dtype), _randn(gen, (B, D), dtype, 0.3)
     if zero_step:
         dx.zero_()
+    g_old = _randn(gen, (B, D), dtype)
     acc = _acc(dtype)
-    g, ab, scal = torch.empty(B, D, dtype=dtype), torch.zeros(B, 2, L, dtype=acc), \
+    g, abc, scal = torch.empty(B, D, dtype=dtype), torch.zeros(B, 3, L, dtype=acc), \
         torch.empty(B, 4, dtype=acc)
-    R.broyden_dots(x, fx, g, dx, U, V, ab, scal, n_valid)            # consistent pass-1 outputs
+    R.broyden_dots(x, fx, g_old, g, dx, U, V, abc, scal, n_valid)    # consistent pass-1 outputs
     best = _randn(gen, (B, D), dtype)
     improved = torch.rand(B, generator=gen) < 0.6
     active = torch.rand(B, generator=gen) < 0.6
     active[0], active[-1] = True, B == 1   # at least one running and (B > 1) one stopped sample
     got = [t.clone() for t in (x, dx, U, V, best)]
     want = [t.clone() for t in (x, dx, U, V, best)]
-    C.broyden_update.default(got[0], g, got[1], got[2], got[3], ab, scal, got[4], improved, active,
-                         slot, n_valid)
-    R.broyden_update(want[0], g, want[1], want[2], want[3], ab, scal, want[4], improved, active,
-                     slot, n_valid)
+    C.broyden_update.default(got[0], g, g_old, got[1], got[2], got[3], abc, scal, got[4],
+                             improved, active, slot, n_valid)
+    R.broyden_update(want[0], g, g_old, want[1], want[2], want[3], abc, scal, want[4], improved,
+                     active, slot, n_valid)
     _assert_close(["x", "dx", "U", "V", "best"], got, want, TOL[dtype])
 
 
 def test_bad_arguments_are_refused(C):
     x = torch.randn(2, 8)
     U = torch.zeros(2, 3, 8)
-    ab, scal = torch.zeros(2, 2, 3), torch.zeros(2, 4)
+    abc, scal = torch.zeros(2, 3, 3), torch.zeros(2, 4)
     with pytest.raises(RuntimeError, match="n_valid must be in"):
-        C.broyden_dots.default(x, x, x.clone(), x, U, U, ab, scal, 4)
+        C.broyden_dots.default(x, x, x, x.clone(), x, U, U, abc, scal, 4)
     with pytest.raises(RuntimeError, match="accumulation dtype"):
-        C.broyden_dots.default(x, x, x.clone(), x, U, U, ab.double(), scal, 1)
+        C.broyden_dots.default(x, x, x, x.clone(), x, U, U, abc.double(), scal, 1)
+    with pytest.raises(RuntimeError, match="accumulation dtype"):     # the old [B, 2, L] layout
+        C.broyden_dots.default(x, x, x, x.clone(), x, U, U, abc[:, :2].contiguous(), scal, 1)
+    g = x.clone()
+    with pytest.raises(RuntimeError, match="different buffers"):
+        C.broyden_dots.default(x, x, g, g, x, U, U, abc, scal, 1)
     flags = torch.ones(2, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="slot must be in"):
-        C.broyden_update.default(x, x, x.clone(), U, U, ab, scal, x.clone(), flags, flags, 3, 1)
+        C.broyden_update.default(x, x, x, x.clone(), U, U, abc, scal, x.clone(), flags, flags, 3, 1)
 
 
 class _Ops(TorchDispatchMode):
@@ -173,12 +180,13 @@ def test_opcheck(C):
     gen = _gen("opcheck")
     U, V = _ring(gen, B, D, L, 2, torch.float32)
     x, fx, dx = (_randn(gen, (B, D), torch.float32) for _ in range(3))
-    ab, scal = torch.zeros(B, 2, L), torch.zeros(B, 4)
-    torch.library.opcheck(C.broyden_dots.default, (x, fx, torch.empty(B, D), dx, U, V, ab, scal, 2))
+    abc, scal = torch.zeros(B, 3, L), torch.zeros(B, 4)
+    torch.library.opcheck(C.broyden_dots.default,
+                          (x, fx, dx * 0.5, torch.empty(B, D), dx, U, V, abc, scal, 2))
     flags = torch.tensor([True, False])
     torch.library.opcheck(C.broyden_update.default,
-                          (x.clone(), fx, dx.clone(), U.clone(), V.clone(), ab, scal, x.clone(),
-                           flags, flags, 2, 2))
+                          (x.clone(), fx, dx * 0.5, dx.clone(), U.clone(), V.clone(), abc, scal,
+                           x.clone(), flags, flags, 2, 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -191,7 +199,8 @@ def test_other_dtypes_take_the_reference(C, dtype):
     assert fast.broyden_dots is C.broyden_dots.default
     x, U = torch.zeros(2, 8, dtype=dtype), torch.zeros(2, 3, 8, dtype=dtype)
     with pytest.raises(RuntimeError, match="float32 or float64 for the C\\+\\+ CPU kernel"):
-        C.broyden_dots.default(x, x, x.clone(), x, U, U, torch.zeros(2, 2, 3), torch.zeros(2, 4), 1)
+        C.broyden_dots.default(x, x, x, x.clone(), x, U, U, torch.zeros(2, 3, 3), torch.zeros(2, 4),
+                               1)
 
 
 def test_no_ext_env_gives_the_references(C, monkeypatch):

@@ -73,9 +73,9 @@ def test_import_and_reference_path_without_extension():
         x, fx, sq = torch.randn(2, 5), torch.randn(2, 5), torch.empty(2, 2)
         torch.ops.deq_fast.residual_norms(x, fx, sq)
         B, L, D = 2, 3, 5
-        g, ab, scal = torch.empty(B, D), torch.zeros(B, 2, L), torch.empty(B, 4)
-        torch.ops.deq_fast.broyden_dots(x, fx, g, x, torch.zeros(B, L, D), torch.zeros(B, L, D),
-                                        ab, scal, 0)
+        g, abc, scal = torch.empty(B, D), torch.zeros(B, 3, L), torch.empty(B, 4)
+        torch.ops.deq_fast.broyden_dots(x, fx, torch.zeros(B, D), g, x, torch.zeros(B, L, D),
+                                        torch.zeros(B, L, D), abc, scal, 0)
         torch.testing.assert_close(g, fx - x)
         ops = get_ops("cpp", torch.device("cpu"), torch.float32)
         assert ops.broyden_dots.func is REFERENCE.broyden_dots

@@ -236,16 +236,17 @@ def test_broyden_dots(dtype, B, D, L, n_valid):
     gen = _gen("bd", dtype, B, D, L, n_valid)
     U, V = _broyden_state(gen, B, D, L, n_valid, dtype)
     x, fx = gen.randn((B, D), dtype), gen.randn((B, D), dtype)
+    g_old = gen.randn((B, D), dtype)
     dx = gen.randn((B, D), dtype, 0.3)
     acc = acc_dtype(dtype)
     g = nan_empty((B, D), dtype, DEVICE)
-    ab = torch.zeros(B, 2, L, dtype=acc, device=DEVICE)
-    ab[:, :, :n_valid] = NAN
+    abc = torch.zeros(B, 3, L, dtype=acc, device=DEVICE)
+    abc[:, :, :n_valid] = NAN
     scal = nan_empty((B, 4), acc, DEVICE)
-    got, want = [g, ab, scal], _clone([g, ab, scal])
-    K.broyden_dots(x, fx, got[0], dx, U, V, got[1], got[2], n_valid)
-    R.broyden_dots(x, fx, want[0], dx, U, V, want[1], want[2], n_valid)
-    assert_outputs(["g", "ab", "scal"], got, want, KERNEL_TOL[dtype])
+    got, want = [g, abc, scal], _clone([g, abc, scal])
+    K.broyden_dots(x, fx, g_old, got[0], dx, U, V, got[1], got[2], n_valid)
+    R.broyden_dots(x, fx, g_old, want[0], dx, U, V, want[1], want[2], n_valid)
+    assert_outputs(["g", "abc", "scal"], got, want, KERNEL_TOL[dtype])
 
 
 # (B, D, L, n_valid, slot, zero_step): first update, not full, wrapped ring (evicts slot 2),
@@ -262,20 +263,21 @@ def test_broyden_update(dtype, B, D, L, n_valid, slot, zero_step):
     gen = _gen("bu", dtype, B, D, L, n_valid, slot, zero_step)
     U, V = _broyden_state(gen, B, D, L, n_valid, dtype)
     x, fx = gen.randn((B, D), dtype), gen.randn((B, D), dtype)
+    g_old = gen.randn((B, D), dtype)
     dx = gen.randn((B, D), dtype, 0.3)
     if zero_step:
         dx.zero_()
     acc = acc_dtype(dtype)
-    g, ab, scal = torch.empty(B, D, dtype=dtype, device=DEVICE), \
-        torch.zeros(B, 2, L, dtype=acc, device=DEVICE), torch.empty(B, 4, dtype=acc, device=DEVICE)
-    R.broyden_dots(x, fx, g, dx, U, V, ab, scal, n_valid)          # consistent pass-1 outputs
+    g, abc, scal = torch.empty(B, D, dtype=dtype, device=DEVICE), \
+        torch.zeros(B, 3, L, dtype=acc, device=DEVICE), torch.empty(B, 4, dtype=acc, device=DEVICE)
+    R.broyden_dots(x, fx, g_old, g, dx, U, V, abc, scal, n_valid)   # consistent pass-1 outputs
     best = gen.randn((B, D), dtype)
     improved, active = gen.flags(B), gen.flags(B)
     active[0] = True
     got, want = [x, dx, U, V, best], _clone([x, dx, U, V, best])
 
     def call(fn, t):
-        fn(t[0], g, t[1], t[2], t[3], ab, scal, t[4], improved, active, slot, n_valid)
+        fn(t[0], g, g_old, t[1], t[2], t[3], abc, scal, t[4], improved, active, slot, n_valid)
 
     call(K.broyden_update, got)
     call(R.broyden_update, want)
@@ -362,14 +364,15 @@ def _op_args():
     F, G = torch.randn(B, m, D), torch.randn(B, m, D)
     gram = torch.bmm(G, G.transpose(1, 2))
     U, V = torch.randn(B, L, D) * 0.1, torch.randn(B, L, D) * 0.1
-    ab, scal = torch.randn(B, 2, L), torch.rand(B, 4) + 1
+    ab, scal = torch.randn(B, 3, L), torch.rand(B, 4) + 1
     trace = torch.zeros(3, B, 2)
     return {
         "anderson_residual": (x, fx, F, G, gram, torch.empty(B, 2), 1),
         "anderson_mix": (F, G, gram, x.clone(), best.clone(), flags, 2, 1, 1e-4, True, 0.8, False),
-        "broyden_dots": (x, fx, torch.empty(B, D), x.clone(), U, V, ab.clone(), scal.clone(), L),
-        "broyden_update": (x.clone(), fx, x.clone(), U.clone(), V.clone(), ab, scal, best.clone(),
-                           flags, flags.clone(), 1, L),
+        "broyden_dots": (x, fx, best, torch.empty(B, D), x.clone(), U, V, ab.clone(),
+                         scal.clone(), L),
+        "broyden_update": (x.clone(), fx, best, x.clone(), U.clone(), V.clone(), ab, scal,
+                           best.clone(), flags, flags.clone(), 1, L),
         "residual_norms": (x, fx, torch.empty(B, 2)),
         "fixed_point_advance": (x.clone(), fx, best.clone(), flags, flags.flip(0)),
         "track_status": (torch.rand(B, 2), torch.full((B, 2), 1e8), torch.zeros(B, 2), trace,
