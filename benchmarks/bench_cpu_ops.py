@@ -5,8 +5,8 @@ bandwidth it reaches from the bytes it must move (history columns read + state v
 written). For scale, the same machine's ``copy_`` of one state is printed first.
 
 * forward Broyden, ``B x L x D`` rings with ``n`` written columns: ``deq_fast::broyden_dots`` /
-  ``broyden_update`` (their C++ CPU kernels) against ``broyden_dots_reference`` / ``broyden_update_reference`` (the
-  torch path: bmm/baddbmm and elementwise ops);
+  ``broyden_update`` (their C++ CPU kernels) against ``broyden_dots_reference`` /
+  ``broyden_update_reference`` (the torch path: bmm/baddbmm and elementwise ops);
 * backward solve updates, ``[n, B, D]`` histories: ``bwd_broyden_step``, ``bwd_anderson_mix``,
   ``bwd_gmres_update`` (no torch counterpart: the Python reference loop is an oracle, not a path).
 

@@ -211,12 +211,15 @@ def broyden_dots(x: torch.Tensor, fx: torch.Tensor, g_old: torch.Tensor, g: torc
         None.
 
     Example:
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"    # cpu: TRITON_INTERPRET=1
         >>> B, L, D = 3, 4, 37
-        >>> x, fx, dx = (torch.randn(B, D, device="cuda") for _ in range(3))
+        >>> x, fx, dx = (torch.randn(B, D, device=dev) for _ in range(3))
         >>> g, g_old = torch.empty_like(x), torch.zeros_like(x)
-        >>> U, V = torch.zeros(2, B, L, D, device="cuda")
-        >>> abc, scal = torch.zeros(B, 3, L, device="cuda"), torch.empty(B, 4, device="cuda")
-        >>> broyden_dots(x, fx, g_old, g, dx, U, V, abc, scal, n_valid=0)   # abc stays 0, g = fx - x
+        >>> U, V = torch.zeros(2, B, L, D, device=dev)
+        >>> abc, scal = torch.zeros(B, 3, L, device=dev), torch.empty(B, 4, device=dev)
+        >>> broyden_dots(x, fx, g_old, g, dx, U, V, abc, scal, n_valid=0)
+        >>> bool((abc == 0).all()), torch.allclose(g, fx - x)
+        (True, True)
     """
     B, D, L = _check_rings(x, U, V, abc, scal)
     check("fx", fx, (B, D), x.dtype, x.device, unit_inner=False)
@@ -253,9 +256,18 @@ def broyden_update(x: torch.Tensor, g: torch.Tensor, g_old: torch.Tensor, dx: to
         None.
 
     Example:
-        >>> # after broyden_dots(x, fx, g_old, g, dx, U, V, abc, scal, n_valid=0):
-        >>> flags = torch.ones(3, dtype=torch.bool, device="cuda")
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"    # cpu: TRITON_INTERPRET=1
+        >>> B, L, D = 3, 4, 37
+        >>> x, fx, dx = (torch.randn(B, D, device=dev) for _ in range(3))
+        >>> g, g_old = torch.empty_like(x), torch.zeros_like(x)
+        >>> U, V = torch.zeros(2, B, L, D, device=dev)
+        >>> abc, scal = torch.zeros(B, 3, L, device=dev), torch.empty(B, 4, device=dev)
+        >>> broyden_dots(x, fx, g_old, g, dx, U, V, abc, scal, n_valid=0)
+        >>> best, x_old = torch.zeros(B, D, device=dev), x.clone()
+        >>> flags = torch.ones(B, dtype=torch.bool, device=dev)
         >>> broyden_update(x, g, g_old, dx, U, V, abc, scal, best, flags, flags, slot=0, n_valid=0)
+        >>> torch.equal(best, x_old), tuple(U[:, 0].shape)
+        (True, (3, 37))
     """
     B, D, L = _check_rings(x, U, V, abc, scal)
     check("g", g, (B, D), x.dtype, x.device)

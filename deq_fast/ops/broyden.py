@@ -32,9 +32,9 @@ Pass 2, ``broyden_update(x, g, g_old, dx, U, V, abc, scal, best, improved, activ
 n_valid)``: ``best = x`` where improved; writes ``U[:, slot] = u``, ``V[:, slot] = v`` and
 ``x <- x + upd`` for active samples (a stopped sample keeps its factors and stays put); ``dx`` is
 then the step actually taken, ``x_new - x`` as rounded (the original's ``x_est - prev_x``; 0 for
-stopped samples), so the next secant pair ``(dx, dg)`` is exact. Bytes: read x, g, g_old, dx and ``n_valid`` rows of U and V (U once for both
-``sum b_l U_l`` and ``sum c_l U_l``); write u, v, dx, x -> (2·n_valid + 8)·B·D·size (+ B·D·size
-for the best copy of improved samples).
+stopped samples), so the next secant pair ``(dx, dg)`` is exact. Bytes: read x, g, g_old, dx and
+``n_valid`` rows of U and V (U once for both ``sum b_l U_l`` and ``sum c_l U_l``); write u, v,
+dx, x -> (2·n_valid + 8)·B·D·size (+ B·D·size for the best copy of improved samples).
 
 Together (4·n_valid + 13)·B·D·size per iteration, (4L + 13)·B·D·size once the ring is full;
 TorchDEQ computes three ``-I + U V^T`` products (six passes over its factors) per iteration.
@@ -52,8 +52,9 @@ __all__ = ["broyden_dots_reference", "broyden_update_reference"]
 
 
 def _bucket(n_valid: int, L: int) -> int:
-    """``n_valid`` rounded up to a multiple of 4 (at most ``L``): unwritten ring slots are zero, so
-    the products are unchanged, and the torch path reuses its cached ring views for 4 iterations (at most 3 zero slots of extra work)."""
+    """``n_valid`` rounded up to a multiple of 4 (at most ``L``): unwritten ring slots are zero,
+    so the products are unchanged, and the torch path reuses its cached ring views for 4
+    iterations (at most 3 zero slots of extra work)."""
     return min(L, -(-n_valid // 4) * 4)
 
 

@@ -21,14 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"
 
 MODULES = sorted(m.name for m in pkgutil.iter_modules(deq_fast.kernels.__path__)
                  if not m.name.startswith("_"))
-# kernels/broyden.py is being edited in a concurrent change; its examples use device="cuda" and
-# names they never define (best, flags' inputs). strict: the mark must go when they are fixed.
-BROKEN = {"broyden": "examples not yet self-contained (device='cuda', undefined `best`)"}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(reason=BROKEN[n], strict=True)) if n in BROKEN else n
-    for n in MODULES])
+@pytest.mark.parametrize("name", MODULES)
 def test_kernel_examples(name: str) -> None:
     module = importlib.import_module(f"deq_fast.kernels.{name}")
     result = doctest.testmod(module, extraglobs={"torch": torch}, report=True)
