@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Full CUDAExtension build proof (docs/design.md#proving-gpu-code-without-a-gpu), on a machine without a GPU.
+# Full CUDAExtension build proof (docs/design.md#proving-gpu-code-without-a-gpu), on a machine
+# without a GPU.
 #
 #   1. create or reuse a venv with a CUDA build of torch (torch==2.14.1 = CUDA 13.0, matching the
 #      machine's nvcc 13.0; ~5.4 GB from local disk) at ${DEQ_FAST_CUDA_VENV:-~/.cache/deq_fast/venv-cuda};
