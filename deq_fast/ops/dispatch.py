@@ -5,8 +5,9 @@ Implementations (:mod:`deq_fast.ops.backends`): ``reference``: the pure-torch re
 directly (no dispatcher overhead per call) with a view cache shared for the solve. ``cpp``: per
 op, the compiled C++ kernel when ``deq_fast._C`` registered one for the state's device and dtype,
 called as ``torch.ops.deq_fast.<op>`` so the dispatcher picks it; the reference otherwise.
-``triton``: the registered ops ``torch.ops.deq_fast.*``, whose CUDA kernels (CPU too under
-``TRITON_INTERPRET=1``, where no C++ kernel holds the key) are the Triton launchers.
+``triton``: the registered ops ``torch.ops.deq_fast.*``, whose CUDA kernels are the Triton
+launchers; for CPU tensors (``TRITON_INTERPRET=1``) the interpreted launchers called directly,
+since the C++ kernels hold the ops' CPU key.
 ``ops.ran[name]`` says which of the three each op of the returned table is.
 
 Which kernel runs is decided once per solve from the registrations, never by an ``if`` on a
@@ -21,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from deq_fast.ops import extension
-from deq_fast.ops.table import SOLVER_OPS, OpSpec, has_kernel, register_triton
+from deq_fast.ops.table import SOLVER_OPS, OpSpec, has_kernel, register_triton, triton_kernels
 
 __all__ = ["get_ops", "OP_NAMES"]
 
@@ -59,7 +60,7 @@ def get_ops(backend: str, device: Optional[torch.device] = None,
                         else functools.partial(spec.reference, cache=cache))
             for spec in SOLVER_OPS})
     if backend == "triton":
-        return _registered()
+        return _triton_direct() if device is not None and device.type == "cpu" else _registered()
     raise ValueError(f"backend must be 'reference', 'cpp' or 'triton', got {backend!r}")
 
 
@@ -77,6 +78,15 @@ def _has_kernel(name: str, device_type: str) -> bool:
 def _compiled(name: str) -> Callable[..., None]:
     # the overload packet's .default: skips the overload resolution of a packet call
     return getattr(torch.ops.deq_fast, name).default
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_direct() -> types.SimpleNamespace:
+    # CPU tensors (TRITON_INTERPRET=1): the C++ kernels hold the CPU key of the ops, so the
+    # interpreted launchers are called directly, not through the dispatcher
+    launchers = triton_kernels()
+    return types.SimpleNamespace(ran=dict.fromkeys(OP_NAMES, "triton"),
+                                 **{n: launchers[n] for n in OP_NAMES})
 
 
 @functools.lru_cache(maxsize=None)

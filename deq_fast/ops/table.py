@@ -224,6 +224,17 @@ def _register(lib: torch.library.Library) -> None:
 
 
 @functools.lru_cache(maxsize=None)
+def triton_kernels() -> dict[str, Callable[..., None]]:
+    """The Triton launcher of every solver op (size limits routed to the reference), called
+    directly: how CPU tensors reach the interpreted kernels, whose dispatch key the C++ kernels
+    hold. Empty without Triton."""
+    _devices, kernels = _triton_launchers()
+    if kernels is None:
+        return {}
+    return {spec.name: _triton_kernel(spec, getattr(kernels, spec.triton))
+            for spec in SOLVER_OPS if spec.triton is not None}
+
+
 def register_triton() -> tuple[str, ...]:
     """Registers the Triton launchers as the solver ops' kernels (once); returns the device
     types they serve (``()`` without Triton). A key that holds a C++ kernel keeps it."""
