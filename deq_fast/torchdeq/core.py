@@ -83,6 +83,8 @@ class DEQBase(nn.Module):
         self.f_solver_name, self.b_solver_name = opt["f_solver"], opt["b_solver"]
         self.f_solver = get_solver(opt["f_solver"]) if isinstance(opt["f_solver"], str) \
             else opt["f_solver"]
+        self.b_solver = get_solver(opt["b_solver"]) if isinstance(opt["b_solver"], str) \
+            else opt["b_solver"]
         self.no_stat = (opt["f_solver"] == "simple_fixed_point_iter" if opt["no_stat"] is None
                         else opt["no_stat"])
         self.f_max_iter, self.b_max_iter = int(opt["f_max_iter"]), int(opt["b_max_iter"])
@@ -123,8 +125,6 @@ class _EngineDEQ(DEQBase):
         self.indexing = self._compute_f_iter(self.f_max_iter)
         self.produce_grad: list = []
         if self.ift:
-            self.b_solver = get_solver(self.b_solver_name) if isinstance(self.b_solver_name, str) \
-                else self.b_solver_name
             self.produce_grad = [backward_factory(pg, tau=self.tau, sup_gap=self.sup_gap,
                                                   sup_loc=self.sup_loc)
                                  for pg in make_pair(self.indexing, self.grad)]
