@@ -2,23 +2,40 @@
 
 ``get_deq(args=None, **kwargs)`` reads TorchDEQ's options (keyword arguments over ``args``; unknown
 keys such as ``name=`` are ignored, as in TorchDEQ) and builds the module for ``core``
-(``'sliced'``, ``'indexing'`` or a class given to :func:`register_deq`). The solve and the
-gradients run on :func:`deq_fast.get_deq` with TorchDEQ's defaults passed explicitly:
+(``'sliced'``, ``'indexing'`` or a class given to :func:`register_deq`). TorchDEQ's defaults:
 ``f_solver``/``b_solver='fixed_point_iter'``, ``f_max_iter=b_max_iter=40``, ``f_tol=1e-3``,
 ``b_tol=1e-6``, ``'abs'`` stop modes, and ``ift=False`` = the ``grad``-step phantom gradient with
-damping ``tau`` (``ift=True`` or ``hook_ift=True``: the exact implicit gradient).
+damping ``tau``.
+
+Two engines:
+
+* Phantom gradient (``ift=False``) and evaluation: :func:`deq_fast.get_deq` with these options
+  passed explicitly.
+* Training with ``ift=True`` or ``hook_ift=True``: TorchDEQ's own training forward, on deq_fast's
+  TorchDEQ-contract solvers (:func:`~deq_fast.torchdeq.solver.get_solver`). The state goes through
+  :func:`~deq_fast.torchdeq.utils.layer_utils.deq_decorator` (a list/tuple state is packed into
+  one ``(B, D)`` vector; also with ``no_stat``, where TorchDEQ's IFT would fail on the list).
+  ``'sliced'``: each segment of ``_compute_f_iter`` is solved under ``no_grad`` from the previous
+  segment's output and ends with its gradient functor (phantom ``grad``/``tau`` steps, IFT for the
+  last). ``'indexing'``: one solve that samples the states at ``indexing``; the functors are
+  applied to the sampled states (the IFT to the last one; after an early stop TorchDEQ's solvers
+  drop the later samples, so the IFT functor is then not reached, as in TorchDEQ). The exact
+  backward is :func:`~deq_fast.torchdeq.grad.backward_factory`'s: TorchDEQ's stopping rule
+  (``b_stop_mode``, the batch maximum under ``b_tol``), the Jacobian at ``f(z*)``, and
+  ``backward_writer`` receives the backward solver's statistics (``abs_lowest``, ``rel_lowest``,
+  ``nstep``, ...). ``info`` is the last solve's statistics (``sradius=-1``).
 
 Behaviour kept from TorchDEQ: ``forward(func, z_init, solver_kwargs=None, sradius_mode=False,
 backward_writer=None, **kwargs)`` ignores extra keywords (MDEQ passes ``writer=``);
-``f_max_iter=0`` (or ``solver_kwargs={'f_max_iter': 0}``) skips the solver: the phantom steps start
-from ``z_init`` and ``info`` holds TorchDEQ's ``1e8`` placeholders with ``nstep=0``; in evaluation
-``info['sradius']`` is ``zeros(1)`` unless ``sradius_mode``.
+``f_max_iter=0`` (or ``solver_kwargs={'f_max_iter': 0}``) skips the solver: the gradient functors
+start from ``z_init`` and ``info`` holds TorchDEQ's ``1e8`` placeholders with ``nstep=0``; in
+evaluation ``info['sradius']`` is ``zeros(1)`` unless ``sradius_mode``.
 
-Fixed against TorchDEQ (deq_fast's behaviour): the exact backward stops per sample on the relative
-residual ``||grad + J^T g - g|| / ||grad|| <= b_tol`` and returns the best iterate; evaluation
-outputs keep ``requires_grad`` when gradients are enabled (TorchDEQ issues #4, #8; then the output
-is the tracked step ``f(z*)`` of the gradient mode); ``sradius_mode`` uses deq_fast's power method;
-the caller's ``args`` namespace is not modified.
+Fixed against TorchDEQ (deq_fast's behaviour): evaluation outputs keep ``requires_grad`` when
+gradients are enabled (TorchDEQ issues #4, #8; then the output is the tracked step ``f(z*)`` of
+the gradient mode, from :func:`deq_fast.get_deq`); ``sradius_mode`` uses deq_fast's power method;
+the caller's ``args`` namespace is not modified. The native :func:`deq_fast.get_deq` keeps its own
+exact backward (per-sample relative stopping), which this namespace no longer uses in training.
 """
 from __future__ import annotations
 
@@ -66,6 +83,8 @@ class DEQBase(nn.Module):
         self.f_solver_name, self.b_solver_name = opt["f_solver"], opt["b_solver"]
         self.f_solver = get_solver(opt["f_solver"]) if isinstance(opt["f_solver"], str) \
             else opt["f_solver"]
+        self.b_solver = get_solver(opt["b_solver"]) if isinstance(opt["b_solver"], str) \
+            else opt["b_solver"]
         self.no_stat = (opt["f_solver"] == "simple_fixed_point_iter" if opt["no_stat"] is None
                         else opt["no_stat"])
         self.f_max_iter, self.b_max_iter = int(opt["f_max_iter"]), int(opt["b_max_iter"])
@@ -102,6 +121,52 @@ class _EngineDEQ(DEQBase):
             grad_mode="exact" if self.ift else "phantom", ift=self.ift,
             grad=self.grad, tau=self.tau, sup_gap=self.sup_gap, sup_loc=self.sup_loc,
             n_states=self.n_states, indexing=self.indexing_arg)
+        # TorchDEQ's sampled solver steps and gradient functors; used by the IFT training path
+        self.indexing = self._compute_f_iter(self.f_max_iter)
+        self.produce_grad: list = []
+        if self.ift:
+            self.produce_grad = [backward_factory(pg, tau=self.tau, sup_gap=self.sup_gap,
+                                                  sup_loc=self.sup_loc)
+                                 for pg in make_pair(self.indexing, self.grad)]
+            self.produce_grad[-1] = backward_factory(
+                "ift", hook_ift=bool(self.args.get("hook_ift", False)), b_solver=self.b_solver,
+                b_solver_kwargs=dict(max_iter=self.b_max_iter, tol=self.b_tol,
+                                     stop_mode=self.b_stop_mode))
+
+    def _compute_f_iter(self, f_max_iter) -> list:
+        """TorchDEQ's sampled solver steps for ``f_max_iter`` (the cores override it)."""
+        return [f_max_iter]
+
+    def _f_solve(self, deq_func, z, max_iter, rest: dict, **extra):
+        """TorchDEQ's forward solve (no graph); the statistics-free solver takes no ``tol`` or
+        ``stop_mode`` (TorchDEQ's swallows them; deq_fast's would warn about them)."""
+        kw = dict(rest, **extra)
+        if self.f_solver is not get_solver("simple_fixed_point_iter"):
+            kw.update(tol=self.f_tol, stop_mode=self.f_stop_mode)
+        with torch.no_grad():
+            return self.f_solver(deq_func, z, max_iter=max_iter, **kw)
+
+    def _train_ift(self, func: Callable, z_init: Any, skw: dict,
+                   backward_writer: Callable | None):
+        """TorchDEQ's training forward with IFT on the last sampled state (see the module doc)."""
+        z_is_list = isinstance(z_init, (list, tuple))
+        # TorchDEQ's IFT needs one tensor: a list state is packed even when ``no_stat``
+        deq_func, z = deq_decorator(func, z_init, no_stat=self.no_stat and not z_is_list)
+        cap = skw.get("f_max_iter")
+        indexing = self._compute_f_iter(cap) if type(cap) in (int, float) else self.indexing
+        rest = {k: v for k, v in skw.items() if k != "f_max_iter"}
+        z_out: list = []
+        if self.core == "indexing":
+            _, trajectory, info = self._f_solve(
+                deq_func, z, cap if cap is not None else self.f_max_iter, rest, indexing=indexing)
+            for z_pred, produce in zip(trajectory, self.produce_grad):
+                z_out += produce(self, deq_func, deq_func.detach(z_pred), writer=backward_writer)
+        else:
+            for max_iter, produce in zip(indexing, self.produce_grad):
+                z, _, info = self._f_solve(deq_func, z, max_iter, rest)
+                z_out += produce(self, deq_func, deq_func.detach(z), writer=backward_writer)
+                z = z_out[-1]                    # the next segment resumes from the functor's
+        return [deq_func.vec2list(each) for each in z_out], info
 
     def _skip_solver(self, func: Callable, z_init: Any):
         """TorchDEQ with 0 solver iterations: the gradient functor applied to ``z_init``."""
@@ -114,9 +179,6 @@ class _EngineDEQ(DEQBase):
                     nstep=torch.zeros_like(info["abs_lowest"]), sradius=torch.tensor([-1.0]))
         if not self.training:
             return [z_init], info
-        if self.ift:
-            raise NotImplementedError("f_max_iter=0 with ift=True: deq_fast.get_deq does not "
-                                      "accept a 0-iteration solve yet")
 
         def flat(z, tau=1.0):
             out = func(*packer.unpack(z)) if isinstance(z_init, (list, tuple)) \
@@ -135,6 +197,8 @@ class _EngineDEQ(DEQBase):
         Extra keyword arguments (e.g. ``writer=``) are accepted and ignored, as in TorchDEQ.
         """
         skw = dict(solver_kwargs or {})
+        if self.training and self.ift:
+            return self._train_ift(func, z_init, skw, backward_writer)
         cap = skw.get("f_max_iter")
         if cap is None:
             cap = self.f_max_iter if self.training else self.eval_f_max_iter
@@ -155,11 +219,29 @@ class DEQSliced(_EngineDEQ):
 
     core = "sliced"
 
+    def _compute_f_iter(self, f_max_iter) -> list:
+        """Segment lengths: ``n_states`` equal ones, else the gaps of ``[0, *indexing, f_max_iter]``."""
+        if self.n_states > 1:
+            return [int(f_max_iter // self.n_states) for _ in range(self.n_states)]
+        ends = [0, *self.indexing_arg, f_max_iter]
+        return [b - a for a, b in zip(ends, ends[1:])]
+
 
 class DEQIndexing(_EngineDEQ):
     """Indexing core: one solve; the gradient functor is applied to the sampled solver states."""
 
     core = "indexing"
+
+    def _compute_f_iter(self, f_max_iter) -> list:
+        """Sampled steps: ``n_states`` evenly spaced ones ending at ``f_max_iter``, else
+        ``[*indexing, f_max_iter]``."""
+        if self.n_states > 1:
+            n_states = max(min(f_max_iter, self.n_states), 1)
+            delta = int(f_max_iter // n_states)
+            if f_max_iter % n_states == 0:
+                return [(k + 1) * delta for k in range(n_states)]
+            return [f_max_iter - (n_states - k - 1) * delta for k in range(n_states)]
+        return [*self.indexing_arg, f_max_iter]
 
 
 _core: dict[str, type] = {"sliced": DEQSliced, "indexing": DEQIndexing}

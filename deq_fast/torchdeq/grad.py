@@ -1,4 +1,4 @@
-"""``torchdeq.grad``: ``backward_factory``, the gradient functors of a DEQ.
+"""``torchdeq.grad``: ``backward_factory``, the gradient functors of a DEQ (TorchDEQ's semantics).
 
 A functor is called as ``produce(trainer, func, z_pred, writer=None)`` with ``func(z, tau=1.0)``
 (a :mod:`~deq_fast.torchdeq.utils.layer_utils` wrapper) and returns the tracked states:
@@ -6,23 +6,26 @@ A functor is called as ``produce(trainer, func, z_pred, writer=None)`` with ``fu
 * ``grad_type=k`` (int): phantom gradient, ``k`` steps ``z <- tau f(z) + (1 - tau) z`` from the
   detached ``z_pred``; ``sup_gap > 0`` returns every ``sup_gap``-th step, ``sup_loc`` the listed
   steps plus the last.
-* ``grad_type='ift'``: ``f(z_pred)`` whose gradient is replaced by the implicit one,
-  ``g = grad + J^T g`` solved by deq_fast's :func:`~deq_fast.implicit.backward.implicit_backward`
-  (``b_solver``: ``'fixed_point_iter'``, ``'anderson'``, ``'broyden'``; per-sample relative
-  residual ``<= tol``, the best iterate, never the unchanged start). ``hook_ift`` means the same.
+* ``grad_type='ift'``: ``[f(z_pred)]`` whose gradient is replaced by the implicit one, as in
+  TorchDEQ 0.1.0: the backward recomputes ``f(h)`` at ``h = f(z_pred)`` (the returned state) and
+  solves ``g = J_f(h)^T g + grad`` with ``b_solver(grad_f, zeros_like(grad), **b_solver_kwargs)``,
+  ``b_solver`` a TorchDEQ-contract solver (:func:`~deq_fast.torchdeq.solver.get_solver`: deq_fast's
+  fused engine; TorchDEQ's stopping rule, the batch maximum of the ``stop_mode`` residual under
+  ``tol``); ``writer(info)`` receives that solver's statistics (``abs_lowest``, ``rel_lowest``,
+  ``abs_trace``, ``rel_trace``, ``nstep``, ``sradius``, plus deq_fast's ``nfe``, ``backend``).
+  ``hook_ift=True``: TorchDEQ's ``register_hook`` variant (the Jacobian at ``z_pred``, the hook
+  in ``trainer.hook`` removed before the solve).
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import torch
+from torch import autograd
 
-from deq_fast.implicit.backward import implicit_backward
+from .solver import get_solver
 
 __all__ = ["backward_factory"]
-
-_B_METHODS = {"fixed_point_iter": "fixed_point", "simple_fixed_point_iter": "fixed_point",
-              "anderson": "anderson", "broyden": "broyden"}
 
 
 def make_pair(target: list, source: list) -> list:
@@ -45,19 +48,7 @@ def backward_factory(grad_type: Any = "ift", hook_ift: bool = False, b_solver: A
     """The gradient functor for ``grad_type`` (see the module doc); extra keywords are ignored
     as in TorchDEQ."""
     if grad_type == "ift":
-        kw = dict(b_solver_kwargs or {})
-        name = getattr(b_solver, "__name__", b_solver) or "fixed_point_iter"
-        name = {"anderson_solver": "anderson", "broyden_solver": "broyden"}.get(name, name)
-        cfg = dict(method=_B_METHODS.get(name, "fixed_point"), max_iter=kw.get("max_iter", 40),
-                   tol=kw.get("tol", 1e-6))
-
-        def ift_grad(_trainer, func, z_pred, writer=None, **_kw):
-            z = z_pred.detach().requires_grad_()
-            with torch.enable_grad():
-                fz = func(z)
-            out = _IFTBridge.apply(fz, z, dict(cfg, writer=writer))
-            return [out]
-        return ift_grad
+        return _ift_functor(hook_ift, b_solver, b_solver_kwargs)
     if not isinstance(grad_type, int) or grad_type < 1:
         raise ValueError(f"grad_type must be 'ift' or a positive int, got {grad_type!r}")
     sup_loc = list(sup_loc or [])
@@ -74,23 +65,59 @@ def backward_factory(grad_type: Any = "ift", hook_ift: bool = False, b_solver: A
     return phantom_grad
 
 
-class _IFTBridge(torch.autograd.Function):
-    """Forward: ``f(z*)``; backward: the implicit gradient ``g`` pushed through ``f``'s graph to
-    the parameters and inputs (``f(z*)``'s graph holds them)."""
+def _ift_functor(hook_ift: bool, b_solver: Any, b_solver_kwargs: dict | None) -> Callable:
+    """TorchDEQ's IFT functor (see the module doc). ``b_solver`` is a solver function with
+    TorchDEQ's contract; a registered name is accepted too, and ``None`` means
+    ``'fixed_point_iter'`` (TorchDEQ requires the function)."""
+    if b_solver is None or isinstance(b_solver, str):
+        b_solver = get_solver(b_solver or "fixed_point_iter")
+    kwargs = dict(b_solver_kwargs or {})
+
+    if hook_ift:
+        def hook_ift_grad(trainer, func, z_pred, writer=None, **_kw):
+            z_pred = z_pred.requires_grad_()
+            new_z_pred = func(z_pred)                     # one step: the graph to the parameters
+
+            def backward_hook(grad):
+                if trainer.hook is not None:
+                    trainer.hook.remove()                 # the solve below would re-enter it
+                grad_star, _, info = b_solver(
+                    lambda y: autograd.grad(new_z_pred, z_pred, y, retain_graph=True)[0] + grad,
+                    torch.zeros_like(grad), **kwargs)
+                if writer:
+                    writer(info)
+                return grad_star
+            trainer.hook = new_z_pred.register_hook(backward_hook)
+            return [new_z_pred]
+        return hook_ift_grad
+
+    def ift_grad(_trainer, func, z_pred, writer=None, **_kw):
+        new_z_pred = func(z_pred)                         # one step: the graph to the parameters
+        return [_IFTGrad.apply(func, new_z_pred, (b_solver, kwargs, writer))]
+    return ift_grad
+
+
+class _IFTGrad(torch.autograd.Function):
+    """Identity forward on ``f(z_pred)``; backward: the implicit gradient at that state,
+    ``g = J_f(h)^T g + grad`` with ``h`` the saved forward input."""
 
     @staticmethod
-    def forward(ctx, fz, z, cfg):
-        ctx.cfg = cfg
-        ctx.save_for_backward(z)
-        ctx.fz_graph = fz
-        return fz.detach().clone()
+    def forward(ctx, func, z_pred, cfg):
+        ctx.func, ctx.cfg = func, cfg
+        ctx.save_for_backward(z_pred.detach())
+        return z_pred
 
     @staticmethod
     def backward(ctx, grad):
-        cfg, fz, (z,) = ctx.cfg, ctx.fz_graph, ctx.saved_tensors
+        func, (b_solver, kwargs, writer) = ctx.func, ctx.cfg
+        z_pred, = ctx.saved_tensors
+        h = z_pred.clone().detach().requires_grad_()
         with torch.enable_grad():
-            g, info = implicit_backward(fz, z, grad, method=cfg["method"],
-                                        max_iter=cfg["max_iter"], tol=cfg["tol"])
-        if cfg["writer"]:
-            cfg["writer"](info)
-        return g, None, None
+            f = func(h)
+
+        def grad_f(y):
+            return autograd.grad(f, h, y, retain_graph=True)[0] + grad
+        grad_star, _, info = b_solver(grad_f, torch.zeros_like(grad), **kwargs)
+        if writer:
+            writer(info)
+        return None, grad_star, None

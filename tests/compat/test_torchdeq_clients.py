@@ -608,3 +608,126 @@ def test_deq_seq(jac):
     for k, v in writes["torchdeq"][0].items():
         torch.testing.assert_close(writes["deq_fast.torchdeq"][0][k].to(DT), v.to(DT), rtol=1e-6,
                                    atol=1e-9, msg=k)
+
+
+# --- IFT backward: TorchDEQ's solver statistics to the writer, its stop rule and Jacobian point --
+
+TORCHDEQ_INFO_KEYS = {"abs_lowest", "rel_lowest", "abs_trace", "rel_trace", "nstep", "sradius"}
+
+
+class Tiny(nn.Module):
+    """``z = tanh(0.6 W z + U x)``; ``scale`` sets the size of the incoming gradient."""
+
+    def __init__(self, lib, args, d=6, scale=1.0):
+        super().__init__()
+        self.W, self.U, self.d, self.scale = nn.Linear(d, d), nn.Linear(3, d), d, scale
+        self.deq = lib.get_deq(args)
+
+    def forward(self, x, writer=None, solver_kwargs=None):
+        u = self.U(x)
+        z_out, info = self.deq(lambda z: torch.tanh(0.6 * self.W(z) + u),
+                               torch.zeros(x.shape[0], self.d, dtype=x.dtype),
+                               solver_kwargs=solver_kwargs, backward_writer=writer)
+        return self.scale * sum(z.pow(2).sum() for z in z_out), info
+
+
+def _writer_into(store, lib):
+    def writer(info):
+        store.setdefault(lib.__name__, []).append({k: v.detach().clone() if torch.is_tensor(v)
+                                                   else v for k, v in info.items()})
+    return writer
+
+
+IFT_ARGV = {
+    "sliced-fp": ["--ift", "--f_max_iter", "30", "--b_tol", "1e-4"],
+    "sliced-hook-anderson": ["--hook_ift", "--f_solver", "anderson", "--b_solver", "anderson",
+                             "--f_max_iter", "20", "--b_tol", "1e-5"],
+    "sliced-nstates2-grad2": ["--ift", "--n_states", "2", "--grad", "2", "--f_max_iter", "12",
+                              "--b_stop_mode", "rel", "--b_tol", "1e-3"],
+    "indexing-broyden-nstates2": ["--ift", "--core", "indexing", "--f_solver", "broyden",
+                                  "--b_solver", "broyden", "--n_states", "2", "--f_max_iter", "12",
+                                  "--f_tol", "1e-14"],
+    "indexing-hook-indexing": ["--hook_ift", "--core", "indexing", "--indexing", "3",
+                               "--f_max_iter", "10", "--b_max_iter", "15", "--f_tol", "1e-14"],
+    "sliced-f_max_iter0": ["--ift", "--f_max_iter", "0"],
+    "indexing-f_max_iter0": ["--ift", "--core", "indexing", "--f_max_iter", "0"],
+    "sliced-solver_kwargs0": ["--ift", "--f_max_iter", "20", "solver_kwargs0"],
+}
+
+
+@pytest.mark.parametrize("case", list(IFT_ARGV))
+def test_ift_backward_matches_torchdeq(case):
+    """Gradients, forward info and every backward-writer call as TorchDEQ's (``ift``/``hook_ift``,
+    both cores, sampled states, ``f_max_iter=0``). The indexing cases use a tolerance the solve
+    does not reach: TorchDEQ's indexing core drops the states after an early stop, and the IFT
+    functor, zipped to the last one, is then not applied (as here)."""
+    argv = [a for a in IFT_ARGV[case] if a != "solver_kwargs0"]
+    skw = {"f_max_iter": 0} if "solver_kwargs0" in IFT_ARGV[case] else None
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(3), dtype=DT)
+    writes = {}
+    _compare(lambda lib, a: Tiny(lib, a),
+             lambda m, lib: m(x, writer=_writer_into(writes, lib), solver_kwargs=skw), argv)
+    assert len(writes["torchdeq"]) == len(writes["deq_fast.torchdeq"]) == 1
+    (ref,), (mine,) = writes["torchdeq"], writes["deq_fast.torchdeq"]
+    assert TORCHDEQ_INFO_KEYS <= mine.keys()
+    for k in TORCHDEQ_INFO_KEYS:
+        torch.testing.assert_close(mine[k].to(DT), ref[k].to(DT), rtol=1e-6, atol=1e-9, msg=k)
+
+
+@pytest.mark.parametrize("b_solver", ["fixed_point_iter", "anderson", "broyden"])
+def test_ift_b_stop_mode_sets_backward_iterations_as_torchdeq(b_solver):
+    """``b_stop_mode='rel'`` vs ``'abs'``: TorchDEQ's batch-max rule on the chosen residual
+    decides the backward iteration count; with a large incoming gradient the relative residual
+    is the smaller one and stops first."""
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(5), dtype=DT)
+    nsteps = {}
+    for mode in ("abs", "rel"):
+        argv = ["--ift", "--f_max_iter", "60", "--f_tol", "1e-10", "--b_solver", b_solver,
+                "--b_stop_mode", mode, "--b_tol", "1e-4", "--b_max_iter", "60"]
+        writes = {}
+        _compare(lambda lib, a: Tiny(lib, a, scale=100.0),
+                 lambda m, lib: m(x, writer=_writer_into(writes, lib)), argv)
+        (ref,), (mine,) = writes["torchdeq"], writes["deq_fast.torchdeq"]
+        assert TORCHDEQ_INFO_KEYS <= mine.keys()
+        for k in ("nstep", "abs_lowest", "rel_lowest"):
+            torch.testing.assert_close(mine[k].to(DT), ref[k].to(DT), rtol=1e-6, atol=1e-9, msg=k)
+        torch.testing.assert_close(mine["abs_trace"].to(DT), ref["abs_trace"].to(DT), rtol=1e-6,
+                                   atol=1e-9)
+        nsteps[mode] = (ref["abs_trace"].shape[1], int(ref["nstep"].max()),
+                        mine["abs_trace"].shape[1], int(mine["nstep"].max()))
+        # TorchDEQ's rule: the batch stops once its largest residual of the mode is under b_tol
+        assert float(mine[f"{mode}_lowest"].max()) < 1e-4
+    assert nsteps["rel"][1] < nsteps["abs"][1], nsteps
+    assert nsteps["rel"][3] < nsteps["abs"][3], nsteps
+
+
+@pytest.mark.parametrize("hook_ift", [False, True], ids=["function", "hook"])
+def test_backward_factory_ift_as_torchdeq(hook_ift):
+    """``backward_factory('ift', ...)`` on its own: the same output, input gradient and writer
+    statistics as TorchDEQ's functor with the same (TorchDEQ-contract) solver settings."""
+    g = torch.Generator().manual_seed(11)
+    W, u = 0.5 * torch.randn(5, 5, generator=g, dtype=DT), torch.randn(3, 5, generator=g, dtype=DT)
+    res = {}
+    for lib in (torchdeq, ours):
+        Wl, ul = W.clone().requires_grad_(), u.clone().requires_grad_()
+        func = _sub(lib, "utils.layer_utils").deq_decorator(
+            lambda z: torch.tanh(z @ Wl.T + ul), torch.zeros(3, 5, dtype=DT))[0]
+        with torch.no_grad():
+            z_star = lib.solver.get_solver("anderson")(func, torch.zeros(3, 5, dtype=DT),
+                                                       max_iter=30, tol=1e-12)[0]
+        trainer = nn.Module()
+        trainer.hook = None
+        produce = _sub(lib, "grad").backward_factory(
+            "ift", hook_ift=hook_ift, b_solver=lib.solver.get_solver("fixed_point_iter"),
+            b_solver_kwargs=dict(max_iter=50, tol=1e-3, stop_mode="rel"))
+        infos = []
+        (out,) = produce(trainer, func, z_star.detach(), writer=infos.append)
+        (3.0 * out.pow(2).sum()).backward()
+        res[lib.__name__] = out.detach(), Wl.grad, ul.grad, infos
+    (o_r, gw_r, gu_r, i_r), (o_m, gw_m, gu_m, i_m) = res["torchdeq"], res["deq_fast.torchdeq"]
+    torch.testing.assert_close(o_m, o_r)
+    torch.testing.assert_close(gw_m, gw_r, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gu_m, gu_r, rtol=1e-9, atol=1e-12)
+    assert len(i_r) == len(i_m) == 1 and TORCHDEQ_INFO_KEYS <= i_m[0].keys()
+    for k in TORCHDEQ_INFO_KEYS:
+        torch.testing.assert_close(i_m[0][k].to(DT), i_r[0][k].to(DT), rtol=1e-6, atol=1e-9, msg=k)

@@ -37,7 +37,7 @@ def add_deq_args(parser: argparse.ArgumentParser) -> None:
     add("--sn_n_power_iters", default=1, type=int, help="spectral-norm power iterations")
     add("--core", default="sliced", type=str, help="indexing or sliced (or a registered core)")
     add("--ift", action="store_true", help="exact implicit gradient instead of the phantom one")
-    add("--hook_ift", action="store_true", help="exact gradient (no hooks are used here)")
+    add("--hook_ift", action="store_true", help="exact gradient through a backward hook on the output")
     add("--n_states", type=int, default=1, help="number of sampled states")
     add("--indexing", type=int, nargs="+", default=[], help="solver steps to sample")
     add("--gamma", type=float, default=0.8, help="fixed-point correction decay")
