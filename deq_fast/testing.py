@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from deq_fast.ops.dtypes import acc_dtype
+
 __all__ = ["NAN", "DTYPE_IDS", "KERNEL_TOL", "LSTSQ_TOL", "DEQ_GRAD_TOL", "BACKWARD_TOL", "acc_dtype",
            "Draws", "nan_empty", "compare", "max_err", "contraction", "linear_problem"]
 
@@ -43,11 +45,6 @@ DEQ_GRAD_TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
 # the implicit backward: (tolerance the solve runs to, bound on its error against the dense
 # solution); the problems have condition number ~10
 BACKWARD_TOL = {torch.float64: (1e-11, 1e-8), torch.float32: (1e-6, 1e-4)}
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype of a state dtype: float64 for float64 states, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class Draws:

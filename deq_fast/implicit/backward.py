@@ -52,6 +52,7 @@ import torch
 from deq_fast.implicit.reference import python_solve
 from deq_fast.ops import backends, extension
 from deq_fast.ops.backward import MAX_HISTORY
+from deq_fast.ops.dtypes import acc_dtype
 
 __all__ = ["implicit_backward", "METHODS", "DEFAULT_METHOD", "shine_apply"]
 
@@ -132,7 +133,7 @@ def shine_apply(grad: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.T
         >>> torch.equal(shine_apply(g, U, V), g)
         True
     """
-    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(grad.dtype)
     coef = torch.einsum("bld,bd->bl", U.to(acc), grad.to(acc))
     return (grad.to(acc) - torch.einsum("bl,bld->bd", coef, V.to(acc))).to(grad.dtype)
 
@@ -259,7 +260,7 @@ def _prepare_grad(grad: torch.Tensor):
     """``(g, gnorm, finite, pos, inv_gnorm)``: ``grad`` in the working dtype (float64 stays,
     anything else float32) with non-finite rows zeroed, its per-sample norm, which rows are
     finite / finite and nonzero, and ``1 / ||grad||`` (0 elsewhere)."""
-    work = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    work = acc_dtype(grad.dtype)
     g = grad.detach().to(work).contiguous()
     gnorm = g.double().norm(dim=1)
     finite = torch.isfinite(gnorm)

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from deq_fast.ops.dispatch import get_ops
+from deq_fast.ops.dtypes import acc_dtype
 from deq_fast.solvers.linesearch import search_step
 from deq_fast.solvers.polling import make_poll
 
@@ -73,11 +74,6 @@ class EngineState:
     index_list: list = dataclasses.field(default_factory=list)
     index_live: list = dataclasses.field(default_factory=list)
     backend: str = ""                # what ran the method's main pass ('reference' | 'cpp' | 'triton')
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of norms, dots and small solves for a state dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _n_evals(opt: Options) -> int:
