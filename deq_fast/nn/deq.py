@@ -447,14 +447,28 @@ def add_deq_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--f_solver", default="fixed_point_iter", type=str, help="forward solver")
     add("--b_solver", default="auto", type=str, help="backward method (auto, fixed_point_iter, "
         "anderson, broyden, or a deq_fast backward method name)")
-    add("--f_max_iter", type=int, default=40, help="forward solver iteration cap")
-    add("--b_max_iter", type=int, default=40, help="backward solver iteration cap")
-    add("--f_tol", type=float, default=1e-3, help="forward tolerance")
-    add("--b_tol", type=float, default=1e-6, help="backward tolerance")
     add("--f_stop_mode", type=str, default="abs", choices=["abs", "rel"])
     add("--b_stop_mode", type=str, default="abs", choices=["abs", "rel"])
     add("--stop_mode", type=str, default=None, choices=["abs", "rel"],
         help="sets both f_stop_mode and b_stop_mode")
+    add("--core", default="sliced", type=str, choices=list(CORES))
+    add("--grad_mode", default=None, type=str, choices=list(GRAD_MODES) + ["ift"],
+        help="exact, phantom, jfb or shine (default: exact with --ift, else phantom)")
+    add("--ift", action="store_true", help="exact implicit gradient (else the phantom gradient)")
+    add("--hook_ift", action="store_true", help="same as --ift (no hooks are used)")
+    add_common_deq_args(parser)
+    return parser
+
+
+def add_common_deq_args(parser: argparse.ArgumentParser) -> None:
+    """The options that deq_fast's and the TorchDEQ namespace's ``add_deq_args`` share, with
+    TorchDEQ's defaults: caps and tolerances, test-time caps, normalisation, state sampling,
+    phantom-gradient shape, regularisation and monitoring."""
+    add = parser.add_argument
+    add("--f_max_iter", type=int, default=40, help="forward solver iteration cap (0: no solve)")
+    add("--b_max_iter", type=int, default=40, help="backward solver iteration cap")
+    add("--f_tol", type=float, default=1e-3, help="forward tolerance")
+    add("--b_tol", type=float, default=1e-6, help="backward tolerance")
     add("--eval_factor", type=float, default=1.0, help="f_max_iter multiplier at test time")
     add("--eval_f_max_iter", type=int, default=0, help="f_max_iter at test time (overrides)")
     add("--norm_type", default="weight_norm", type=str,
@@ -464,11 +478,6 @@ def add_deq_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--norm_clip_value", default=1.0, type=float, help="upper bound of the factor")
     add("--norm_target_norm", default=1.0, type=float, help="target norm without learned scale")
     add("--sn_n_power_iters", default=1, type=int, help="spectral-norm power iterations")
-    add("--core", default="sliced", type=str, choices=list(CORES))
-    add("--grad_mode", default=None, type=str, choices=list(GRAD_MODES) + ["ift"],
-        help="exact, phantom, jfb or shine (default: exact with --ift, else phantom)")
-    add("--ift", action="store_true", help="exact implicit gradient (else the phantom gradient)")
-    add("--hook_ift", action="store_true", help="same as --ift (no hooks are used)")
     add("--n_states", type=int, default=1, help="number of sampled states")
     add("--indexing", type=int, nargs="+", default=[], help="solver steps to sample")
     add("--gamma", type=float, default=0.8, help="fixed-point correction decay")
@@ -478,6 +487,5 @@ def add_deq_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--sup_loc", type=int, nargs="+", default=[], help="phantom trajectory sampling steps")
     add("--jac_loss_weight", type=float, default=0.0, help="Jacobian regularisation weight")
     add("--jac_loss_freq", type=float, default=0.0, help="Jacobian regularisation frequency")
-    add("--jac_incremental", type=int, default=0, help="increase jac_loss_weight every N steps")
+    add("--jac_incremental", type=int, default=0, help="raise jac_loss_weight every N steps")
     add("--sradius_mode", action="store_true", help="monitor the spectral radius in validation")
-    return parser
