@@ -10,6 +10,7 @@ Sizes (``SIZES``):
             cheapest map, so the solver's own cost dominates (the issue's acceptance size).
     tanh    the same with ``f(z) = tanh(w * z + b)``: on a CPU the tanh alone costs about as much
             as a solver step, which dilutes the ratio.
+    halftanh  the same with ``f(z) = 0.5 * tanh(z) + x`` (``x`` fixed): a cheap nonlinear map.
     matmul  B=16, D=1024, 40 iterations, ``f(z) = tanh(z W^T + b)``: ``f`` costs more.
 
 Run::
@@ -49,7 +50,7 @@ SOLVER_KEYS = {"anderson": "anderson", "broyden": "broyden", "fixed_point": "fix
 class Size:
     """A benchmark problem size: batch ``B``, flattened state ``D``, ``iters`` solver iterations,
     ``f`` one of ``'affine'`` (``w*z + b``), ``'elementwise'`` (``tanh(w*z + b)``) or
-    ``'matmul'`` (``tanh(z W^T + b)``)."""
+    ``'matmul'`` (``tanh(z W^T + b)``) or ``'halftanh'`` (``0.5 * tanh(z) + b``)."""
     B: int
     D: int
     iters: int
@@ -59,6 +60,7 @@ class Size:
 SIZES = {
     "cheap": Size(B=32, D=4096, iters=40, f="affine"),
     "tanh": Size(B=32, D=4096, iters=40, f="elementwise"),
+    "halftanh": Size(B=32, D=4096, iters=40, f="halftanh"),
     "matmul": Size(B=16, D=1024, iters=40, f="matmul"),
 }
 
@@ -82,6 +84,9 @@ def make_problem(size: Size, device: str = "cpu", seed: int = 0,
     """
     g = torch.Generator().manual_seed(seed)
     b = torch.randn(size.B, size.D, generator=g, dtype=dtype).to(device)
+    if size.f == "halftanh":
+        x0 = torch.zeros(size.B, size.D, dtype=dtype, device=device)
+        return (lambda z: torch.add(b, torch.tanh(z), alpha=0.5)), x0
     if size.f in ("affine", "elementwise"):
         w = ((torch.rand(size.D, generator=g, dtype=dtype) * 2 - 1) * 0.9).to(device)
         x0 = torch.zeros(size.B, size.D, dtype=dtype, device=device)
@@ -92,7 +97,7 @@ def make_problem(size: Size, device: str = "cpu", seed: int = 0,
         W = torch.randn(size.D, size.D, generator=g, dtype=dtype)
         W = (0.9 * W / torch.linalg.matrix_norm(W, ord=2)).to(device)    # spectral norm 0.9
         return (lambda z: torch.tanh(z @ W.T + b)), torch.zeros(size.B, size.D, dtype=dtype, device=device)
-    raise ValueError(f"size.f must be 'affine', 'elementwise' or 'matmul', got {size.f!r}")
+    raise ValueError(f"size.f must be 'affine', 'elementwise', 'halftanh' or 'matmul', got {size.f!r}")
 
 
 def get_solver(lib: str, method: str) -> Callable:
