@@ -90,6 +90,30 @@ def broyden_dots_reference(x: torch.Tensor, fx: torch.Tensor, g_old: torch.Tenso
     view(cache, scal, "norms", lambda: scal[:, 2:]).square_()
 
 
+def _history_terms(g_row, dx_row, U, V, abc, sc, nhg, w, v, n: int, cache) -> None:
+    """Pass 2's products with the ring (``n`` slots): ``sc = [<a,b>, <a,c>]``, ``v = a V - dx``,
+    ``nhg = -H g = g - b U`` and ``w -= c U`` (``w`` holds ``dx + dg``); rows ``[B, 1, D]``."""
+    B, D, dt, acc = g_row.shape[0], g_row.shape[2], g_row.dtype, abc.dtype
+    if n == 0:
+        sc.zero_()
+        nhg.copy_(g_row)
+        torch.neg(dx_row, out=v)
+        return
+    a = view(cache, abc, ("a", n), lambda: abc[:, 0:1, :n])                     # [B, 1, n]
+    bc = view(cache, abc, ("bc", n), lambda: abc[:, 1:3, :n])                   # [B, 2, n]
+    torch.bmm(a, view(cache, abc, ("bcT", n), lambda: bc.transpose(1, 2)), out=sc)  # <a,b>, <a,c>
+    if dt == acc:
+        Un, Vn = view(cache, U, n, lambda: U[:, :n]), view(cache, V, n, lambda: V[:, :n])
+        P = view(cache, abc, ("P", id(U)), lambda: torch.empty(B, 2, D, dtype=dt, device=U.device))
+        torch.bmm(bc, Un, out=P)                                                 # [b U; c U]
+        torch.baddbmm(dx_row, a, Vn, beta=-1.0, out=v)                           # v = a V - dx
+    else:
+        P = torch.bmm(bc.to(dt), U[:, :n])
+        torch.sub(torch.bmm(a.to(dt), V[:, :n]), dx_row, out=v)
+    torch.sub(g_row, P[:, 0:1], out=nhg)                                       # -H g = g - b U
+    w.sub_(P[:, 1:2])                                                           # dx + dg - c U
+
+
 def broyden_update_reference(x: torch.Tensor, g: torch.Tensor, g_old: torch.Tensor,
                              dx: torch.Tensor, U: torch.Tensor, V: torch.Tensor, abc: torch.Tensor,
                              scal: torch.Tensor, best: torch.Tensor, improved: torch.Tensor,
@@ -111,25 +135,7 @@ def broyden_update_reference(x: torch.Tensor, g: torch.Tensor, g_old: torch.Tens
     dx_row = view(cache, dx, "row", lambda: dx[:, None])
     torch.sub(g_row, view(cache, g_old, "row", lambda: g_old[:, None]), out=w)  # dg
     w.add_(dx_row)                                                              # dx + dg
-    n = _bucket(n_valid, U.shape[1])
-    if n > 0:
-        a = view(cache, abc, ("a", n), lambda: abc[:, 0:1, :n])                 # [B, 1, n]
-        bc = view(cache, abc, ("bc", n), lambda: abc[:, 1:3, :n])               # [B, 2, n]
-        torch.bmm(a, view(cache, abc, ("bcT", n), lambda: bc.transpose(1, 2)), out=sc)  # <a,b>, <a,c>
-        if dt == acc:
-            Un, Vn = view(cache, U, n, lambda: U[:, :n]), view(cache, V, n, lambda: V[:, :n])
-            P = view(cache, abc, ("P", id(U)), lambda: torch.empty(B, 2, D, dtype=dt, device=x.device))
-            torch.bmm(bc, Un, out=P)                                             # [b U; c U]
-            torch.baddbmm(dx_row, a, Vn, beta=-1.0, out=v)                       # v = a V - dx
-        else:
-            P = torch.bmm(bc.to(dt), U[:, :n])
-            torch.sub(torch.bmm(a.to(dt), V[:, :n]), dx_row, out=v)
-        torch.sub(g_row, P[:, 0:1], out=nhg)                                   # -H g = g - b U
-        w.sub_(P[:, 1:2])                                                       # dx + dg - c U
-    else:
-        sc.zero_()
-        nhg.copy_(g_row)
-        torch.neg(dx_row, out=v)
+    _history_terms(g_row, dx_row, U, V, abc, sc, nhg, w, v, _bucket(n_valid, U.shape[1]), cache)
     sc.sub_(view(cache, scal, "c01", lambda: scal[:, None, 0:2]))   # <v, g>, <v, dg> = den
     # u = (dx - H dg) / den. The references zero NaN entries of u; we zero infinite ones too
     # (den = 0): the update then adds nothing instead of poisoning H
