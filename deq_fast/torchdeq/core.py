@@ -9,17 +9,17 @@ damping ``tau``.
 
 Two engines:
 
-* Phantom gradient (``ift=False``) and evaluation: :func:`deq_fast.get_deq` with these options
-  passed explicitly.
-* Training with ``ift=True`` or ``hook_ift=True``: TorchDEQ's own training forward, on deq_fast's
+* Evaluation: :func:`deq_fast.get_deq` with these options passed explicitly.
+* Training (phantom gradient, or ``ift=True`` / ``hook_ift=True``): TorchDEQ's own training
+  forward, on deq_fast's
   TorchDEQ-contract solvers (:func:`~deq_fast.torchdeq.solver.get_solver`). The state goes through
   :func:`~deq_fast.torchdeq.utils.layer_utils.deq_decorator` (a list/tuple state is packed into
   one ``(B, D)`` vector; also with ``no_stat``, where TorchDEQ's IFT would fail on the list).
   ``'sliced'``: each segment of ``_compute_f_iter`` is solved under ``no_grad`` from the previous
-  segment's output and ends with its gradient functor (phantom ``grad``/``tau`` steps, IFT for the
-  last). ``'indexing'``: one solve that samples the states at ``indexing``; the functors are
-  applied to the sampled states (the IFT to the last one; after an early stop TorchDEQ's solvers
-  drop the later samples, so the IFT functor is then not reached, as in TorchDEQ). The exact
+  segment's output and ends with its gradient functor (phantom ``grad``/``tau`` steps; with
+  ``ift``, IFT for the last). ``'indexing'``: one solve that samples the states at ``indexing``
+  exactly where TorchDEQ's solvers sample them; the functors are applied to the sampled states
+  (after an early stop TorchDEQ's solvers drop the later samples, and so do these). The exact
   backward is :func:`~deq_fast.torchdeq.grad.backward_factory`'s: TorchDEQ's stopping rule
   (``b_stop_mode``, the batch maximum under ``b_tol``), the Jacobian at ``f(z*)``, and
   ``backward_writer`` receives the backward solver's statistics (``abs_lowest``, ``rel_lowest``,
@@ -121,13 +121,12 @@ class _EngineDEQ(DEQBase):
             grad_mode="exact" if self.ift else "phantom", ift=self.ift,
             grad=self.grad, tau=self.tau, sup_gap=self.sup_gap, sup_loc=self.sup_loc,
             n_states=self.n_states, indexing=self.indexing_arg)
-        # TorchDEQ's sampled solver steps and gradient functors; used by the IFT training path
+        # TorchDEQ's sampled solver steps and gradient functors: the training forward
         self.indexing = self._compute_f_iter(self.f_max_iter)
-        self.produce_grad: list = []
+        self.produce_grad = [backward_factory(pg, tau=self.tau, sup_gap=self.sup_gap,
+                                              sup_loc=self.sup_loc)
+                             for pg in make_pair(self.indexing, self.grad)]
         if self.ift:
-            self.produce_grad = [backward_factory(pg, tau=self.tau, sup_gap=self.sup_gap,
-                                                  sup_loc=self.sup_loc)
-                                 for pg in make_pair(self.indexing, self.grad)]
             self.produce_grad[-1] = backward_factory(
                 "ift", hook_ift=bool(self.args.get("hook_ift", False)), b_solver=self.b_solver,
                 b_solver_kwargs=dict(max_iter=self.b_max_iter, tol=self.b_tol,
@@ -146,9 +145,9 @@ class _EngineDEQ(DEQBase):
         with torch.no_grad():
             return self.f_solver(deq_func, z, max_iter=max_iter, **kw)
 
-    def _train_ift(self, func: Callable, z_init: Any, skw: dict,
-                   backward_writer: Callable | None):
-        """TorchDEQ's training forward with IFT on the last sampled state (see the module doc)."""
+    def _train(self, func: Callable, z_init: Any, skw: dict, backward_writer: Callable | None):
+        """TorchDEQ's training forward: the solver states its core samples, each followed by its
+        gradient functor (phantom steps; IFT on the last with ``ift``), on deq_fast's solvers."""
         z_is_list = isinstance(z_init, (list, tuple))
         # TorchDEQ's IFT needs one tensor: a list state is packed even when ``no_stat``
         deq_func, z = deq_decorator(func, z_init, no_stat=self.no_stat and not z_is_list)
@@ -197,8 +196,8 @@ class _EngineDEQ(DEQBase):
         Extra keyword arguments (e.g. ``writer=``) are accepted and ignored, as in TorchDEQ.
         """
         skw = dict(solver_kwargs or {})
-        if self.training and self.ift:
-            return self._train_ift(func, z_init, skw, backward_writer)
+        if self.training:
+            return self._train(func, z_init, skw, backward_writer)
         cap = skw.get("f_max_iter")
         if cap is None:
             cap = self.f_max_iter if self.training else self.eval_f_max_iter

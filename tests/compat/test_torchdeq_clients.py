@@ -731,3 +731,24 @@ def test_backward_factory_ift_as_torchdeq(hook_ift):
     assert len(i_r) == len(i_m) == 1 and TORCHDEQ_INFO_KEYS <= i_m[0].keys()
     for k in TORCHDEQ_INFO_KEYS:
         torch.testing.assert_close(i_m[0][k].to(DT), i_r[0][k].to(DT), rtol=1e-6, atol=1e-9, msg=k)
+
+
+@pytest.mark.parametrize("solver", ["broyden", "anderson"])
+@pytest.mark.parametrize("f_tol", [1e-12, 0.5], ids=["no-early-stop", "early-stop"])
+def test_indexing_core_samples_the_states_torchdeq_samples(solver, f_tol):
+    """core='indexing' with a phantom gradient returns the solver states TorchDEQ samples (Broyden
+    samples at step+1, as TorchDEQ's does) and, after an early stop, as many as TorchDEQ."""
+    import deq_fast.torchdeq as fast_tq
+
+    torch.manual_seed(0)
+    W = 0.3 * torch.randn(6, 6, dtype=torch.float64) / 6 ** 0.5
+    x = torch.randn(3, 6, dtype=torch.float64)
+    outs = []
+    for lib in (torchdeq, fast_tq):
+        deq = lib.get_deq(core="indexing", n_states=2, f_solver=solver, f_max_iter=6, f_tol=f_tol)
+        deq.train()
+        z_out, _ = deq(lambda z: torch.tanh(z @ W + x), torch.zeros(3, 6, dtype=torch.float64))
+        outs.append([z.detach() for z in z_out])
+    assert len(outs[0]) == len(outs[1])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
