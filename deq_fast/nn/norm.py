@@ -79,11 +79,12 @@ class _Norm:
     def _params(self, module) -> list[torch.Tensor]:
         raise NotImplementedError
 
-    def __call__(self, module: nn.Module) -> None:
-        """Recompute the normalised weights of ``module`` (once per step)."""
+    def __call__(self, module: nn.Module, power: bool | None = None) -> None:
+        """Recompute the normalised weights of ``module`` (once per step); ``power``: refine the
+        spectral-norm estimate (default: in training mode)."""
         self._consumed = False
         for name, dim in zip(self.names, self.dims):
-            weight = self.compute_weight(module, name, dim, module.training)
+            weight = self.compute_weight(module, name, dim, module.training if power is None else power)
             if weight.requires_grad:
                 weight.register_hook(self._mark_consumed)
             setattr(module, name, weight)
@@ -144,11 +145,14 @@ class _SpectralNorm(_Norm):
     suffixes = ("_g", "_orig", "_u", "_v")
 
     def __init__(self, names, dims, learn_scale, target_norm, clip, clip_value,
-                 n_power_iterations=1, eps=1e-12):
+                 n_power_iterations=1, eps=1e-12, init_power_steps=15, v_first=False):
         super().__init__(names, dims, learn_scale, target_norm, clip, clip_value)
         if not isinstance(n_power_iterations, int) or n_power_iterations < 1:
             raise ValueError(f"n_power_iterations must be a positive int, got {n_power_iterations!r}")
         self.n_power_iterations, self.eps = n_power_iterations, eps
+        # deq_fast: 15 power steps at attach, so sigma is estimated from the first forward on;
+        # the TorchDEQ namespace: none, and TorchDEQ's order of the two half-steps (v first)
+        self.init_power_steps, self.v_first = init_power_steps, v_first
 
     def _params(self, module):
         out = []
@@ -167,9 +171,12 @@ class _SpectralNorm(_Norm):
     def _power(self, module, name, mat, n):
         u, v = getattr(module, name + "_u"), getattr(module, name + "_v")
         with torch.no_grad():
-            for _ in range(n):   # same order as torch.nn.utils.parametrizations.spectral_norm
+            for _ in range(n):   # u first: torch.nn.utils.parametrizations.spectral_norm's order
+                if self.v_first:
+                    v.copy_(F.normalize(torch.mv(mat.t(), u), dim=0, eps=self.eps))
                 u.copy_(F.normalize(torch.mv(mat, v), dim=0, eps=self.eps))
-                v.copy_(F.normalize(torch.mv(mat.t(), u), dim=0, eps=self.eps))
+                if not self.v_first:
+                    v.copy_(F.normalize(torch.mv(mat.t(), u), dim=0, eps=self.eps))
 
     def compute_weight(self, module, name, dim, training=True):
         weight = getattr(module, name + "_orig")
@@ -195,8 +202,8 @@ class _SpectralNorm(_Norm):
                                                             eps=self.eps))
             module.register_buffer(name + "_v", F.normalize(mat.new_empty(w).normal_(), dim=0,
                                                             eps=self.eps))
-            self._power(module, name, mat, 15)
-        self(module)
+            self._power(module, name, mat, self.init_power_steps)
+        self(module, power=None if self.init_power_steps > 0 else False)
 
     def remove(self, module):
         for name, dim in zip(self.names, self.dims):

@@ -752,3 +752,29 @@ def test_indexing_core_samples_the_states_torchdeq_samples(solver, f_tol):
     assert len(outs[0]) == len(outs[1])
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["plain", "norm_clip"])
+def test_spectral_norm_gives_torchdeq_weights(clip):
+    """``--norm_type spectral_norm`` (IGNN's run script, MDEQ's option): the same u, v draws, no
+    power step at apply, one (v then u) per reset_norm: the same weights step after step."""
+    import torchdeq.norm as tq_norm
+
+    import deq_fast.torchdeq.norm as fast_norm
+
+    weights = []
+    for lib in (tq_norm, fast_norm):
+        torch.manual_seed(0)
+        layer = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Conv2d(3, 4, 3))
+        torch.manual_seed(1)
+        lib.apply_norm(layer, "spectral_norm", clip=clip, clip_value=0.5)
+        got = []
+        for _ in range(3):
+            lib.reset_norm(layer)
+            got.append([layer[0].weight.detach().clone(), layer[1].weight.detach().clone()])
+            with torch.no_grad():
+                layer[0].weight_orig.mul_(1.1)
+        weights.append(got)
+    for step_tq, step_fast in zip(*weights):
+        for a, b in zip(step_tq, step_fast):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)

@@ -1,7 +1,10 @@
 """``torchdeq.norm.spectral_norm``: ``SpectralNorm`` (``W = W_orig * min(clip_value, g / sigma)``).
 
-deq_fast's computation (:mod:`deq_fast.nn.norm`). Fixed against TorchDEQ: the weight is normalised
-from the start (15 initial power steps), stale weights are recomputed automatically.
+deq_fast's computation (:mod:`deq_fast.nn.norm`) with TorchDEQ's numbers: ``u``, ``v`` drawn as
+TorchDEQ draws them, no power step at ``apply``, each power step ``v`` then ``u``, one per
+``reset_norm`` in training. Fixed against TorchDEQ: the weight is normalised from ``apply`` on
+(TorchDEQ uses the raw weight until the first ``reset_norm``), ``g`` takes the weight's dtype, and
+stale weights are recomputed automatically.
 """
 from __future__ import annotations
 
@@ -26,4 +29,5 @@ class SpectralNorm(_NormFactory):
         n_power_iterations = DEQConfig(deq_args).get("sn_n_power_iters", n_power_iterations)
         return super().apply(module, deq_args, names, dims, learn_scale=learn_scale,
                              target_norm=target_norm, clip=clip, clip_value=clip_value,
-                             n_power_iterations=n_power_iterations)
+                             n_power_iterations=n_power_iterations, init_power_steps=0,
+                             v_first=True)
