@@ -18,11 +18,12 @@ import zlib
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from deq_fast.ops.dtypes import acc_dtype
 
 __all__ = ["NAN", "DTYPE_IDS", "KERNEL_TOL", "LSTSQ_TOL", "DEQ_GRAD_TOL", "BACKWARD_TOL", "acc_dtype",
-           "Draws", "nan_empty", "compare", "max_err", "contraction", "linear_problem"]
+           "Draws", "nan_empty", "compare", "max_err", "contraction", "linear_problem", "OpNames"]
 
 NAN = float("nan")
 
@@ -141,3 +142,22 @@ def linear_problem(B: int, D: int, radius: float = 0.6, seed: int = 0,
     c = torch.randn(B, D, generator=g, dtype=torch.float64).to(dtype)
     z_star = torch.linalg.solve(torch.eye(D, dtype=torch.float64) - Q * radius, c.double().T).T
     return (lambda z: z @ A.T + c), z_star
+
+
+class OpNames(TorchDispatchMode):
+    """Records the qualified name (``namespace::op``) of every op dispatched while active.
+
+    Example:
+        >>> with OpNames() as seen:
+        ...     _ = torch.ones(2) + 1
+        >>> "aten::add.Tensor" in seen.names
+        True
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))

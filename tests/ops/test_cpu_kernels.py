@@ -13,12 +13,12 @@ import zlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import deq_fast
 from deq_fast.ops import extension
 from deq_fast.ops.dispatch import get_ops
 from deq_fast.ops.table import REFERENCE as R
+from deq_fast.testing import OpNames
 
 pytestmark = pytest.mark.skipif(os.environ.get("DEQ_FAST_NO_EXT") == "1",
                                 reason="DEQ_FAST_NO_EXT=1: the extension is deliberately not used")
@@ -135,16 +135,6 @@ def test_bad_arguments_are_refused(C):
         C.broyden_update.default(x, x, x, x.clone(), U, U, abc, scal, x.clone(), flags, flags, 3, 1)
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.name())
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DT_IDS.get)
 def test_solve_uses_the_fused_ops_and_equals_the_reference(C, dtype):
     """A CPU Broyden solve runs the C++ passes and gives the pure-reference solve's iterates."""
@@ -156,7 +146,7 @@ def test_solve_uses_the_fused_ops_and_equals_the_reference(C, dtype):
         return torch.tanh(z @ W.T + b)
 
     z0 = torch.zeros(4, 300, dtype=dtype)
-    with _Ops() as seen:
+    with OpNames() as seen:
         fast = deq_fast.solve(f, z0, method="broyden", max_iter=25, tol=0.0, backend="torch")
     assert {"deq_fast::broyden_dots", "deq_fast::broyden_update"} <= seen.names
     assert fast.backend == "cpp"                               # reported as what ran

@@ -16,12 +16,12 @@ import zlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import deq_fast
 from deq_fast.ops import extension
 from deq_fast.ops.dispatch import get_ops
 from deq_fast.ops.table import REFERENCE as R
+from deq_fast.testing import OpNames
 
 pytestmark = pytest.mark.skipif(os.environ.get("DEQ_FAST_NO_EXT") == "1",
                                 reason="DEQ_FAST_NO_EXT=1: the extension is deliberately not used")
@@ -388,16 +388,6 @@ def test_no_ext_env_gives_the_references(C, monkeypatch):
         assert getattr(ops, name).func is getattr(R, name), name
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.name())
-        return func(*args, **(kwargs or {}))
-
-
 def _reference_solve(solve):
     import deq_fast.solvers.engine as engine
     orig = engine.get_ops
@@ -425,7 +415,7 @@ def test_solve_uses_the_fused_ops_and_equals_the_reference(C, dtype, method, kw)
         return torch.tanh(z @ W.T + b)
 
     z0 = torch.zeros(3, 301, dtype=dtype)
-    with _Ops() as seen:
+    with OpNames() as seen:
         fast = deq_fast.solve(f, z0, method=method, max_iter=25, tol=1e-5, backend="torch", **kw)
     names = ({"deq_fast::anderson_residual", "deq_fast::anderson_mix"} if method == "anderson" else
              {"deq_fast::residual_norms", "deq_fast::fixed_point_advance"}) | {"deq_fast::track_status"}
