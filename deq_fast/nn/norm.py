@@ -145,14 +145,19 @@ class _SpectralNorm(_Norm):
     suffixes = ("_g", "_orig", "_u", "_v")
 
     def __init__(self, names, dims, learn_scale, target_norm, clip, clip_value,
-                 n_power_iterations=1, eps=1e-12, init_power_steps=15, v_first=False):
+                 n_power_iterations=1, eps=1e-12, init_power_steps=15, v_first=False,
+                 raw_until_reset=False):
         super().__init__(names, dims, learn_scale, target_norm, clip, clip_value)
         if not isinstance(n_power_iterations, int) or n_power_iterations < 1:
             raise ValueError(f"n_power_iterations must be a positive int, got {n_power_iterations!r}")
         self.n_power_iterations, self.eps = n_power_iterations, eps
-        # deq_fast: 15 power steps at attach, so sigma is estimated from the first forward on;
-        # the TorchDEQ namespace: none, and TorchDEQ's order of the two half-steps (v first)
+        # deq_fast: 15 power steps at attach, so sigma is estimated from the first forward on.
+        # The TorchDEQ namespace: none, TorchDEQ's order of the two half-steps (v first), and
+        # TorchDEQ's attach: the original parameter object becomes ``<name>_orig`` and
+        # ``<name>`` is its raw data until the first reset (an in-place initialisation of
+        # ``module.weight`` after apply_norm, as MDEQ's, then writes into the parameter)
         self.init_power_steps, self.v_first = init_power_steps, v_first
+        self.raw_until_reset = raw_until_reset
 
     def _params(self, module):
         out = []
@@ -193,7 +198,8 @@ class _SpectralNorm(_Norm):
             weight = module._parameters.pop(name)
             mat = self._matrix(weight.detach(), dim)
             h, w = mat.shape
-            module.register_parameter(name + "_orig", nn.Parameter(weight.detach().clone()))
+            module.register_parameter(name + "_orig", weight if self.raw_until_reset
+                                      else nn.Parameter(weight.detach().clone()))
             if self.learn_scale:
                 g = torch.full(_scale_shape(weight, dim), self.target_norm, dtype=weight.dtype,
                                device=weight.device)
@@ -203,7 +209,10 @@ class _SpectralNorm(_Norm):
             module.register_buffer(name + "_v", F.normalize(mat.new_empty(w).normal_(), dim=0,
                                                             eps=self.eps))
             self._power(module, name, mat, self.init_power_steps)
-        self(module, power=None if self.init_power_steps > 0 else False)
+            if self.raw_until_reset:
+                setattr(module, name, weight.data)
+        if not self.raw_until_reset:
+            self(module, power=None if self.init_power_steps > 0 else False)
 
     def remove(self, module):
         for name, dim in zip(self.names, self.dims):

@@ -778,3 +778,21 @@ def test_spectral_norm_gives_torchdeq_weights(clip):
     for step_tq, step_fast in zip(*weights):
         for a, b in zip(step_tq, step_fast):
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_spectral_norm_keeps_torchdeq_aliasing_until_the_first_reset():
+    """MDEQ initialises ``module.weight`` in place after apply_norm; with TorchDEQ's spectral norm
+    that write reaches the parameter (``weight`` is its raw data until the first reset)."""
+    import torchdeq.norm as tq_norm
+
+    import deq_fast.torchdeq.norm as fast_norm
+
+    origs = []
+    for lib in (tq_norm, fast_norm):
+        torch.manual_seed(0)
+        layer = torch.nn.Conv2d(3, 4, 3)
+        lib.apply_norm(layer, "spectral_norm")
+        with torch.no_grad():
+            layer.weight.normal_(0, 0.01)        # a model's own init after apply_norm
+        origs.append(layer.weight_orig.detach().clone())
+    torch.testing.assert_close(origs[1], origs[0], rtol=0, atol=0)

@@ -2,9 +2,10 @@
 
 deq_fast's computation (:mod:`deq_fast.nn.norm`) with TorchDEQ's numbers: ``u``, ``v`` drawn as
 TorchDEQ draws them, no power step at ``apply``, each power step ``v`` then ``u``, one per
-``reset_norm`` in training. Fixed against TorchDEQ: the weight is normalised from ``apply`` on
-(TorchDEQ uses the raw weight until the first ``reset_norm``), ``g`` takes the weight's dtype, and
-stale weights are recomputed automatically.
+``reset_norm`` in training; the original parameter object kept as ``<name>_orig`` and ``<name>``
+its raw data until the first ``reset_norm``, as TorchDEQ does (so an in-place initialisation of
+``module.weight`` after ``apply_norm``, as MDEQ's, reaches the parameter). Fixed against TorchDEQ:
+``g`` takes the weight's dtype, and stale weights are recomputed automatically.
 """
 from __future__ import annotations
 
@@ -30,4 +31,4 @@ class SpectralNorm(_NormFactory):
         return super().apply(module, deq_args, names, dims, learn_scale=learn_scale,
                              target_norm=target_norm, clip=clip, clip_value=clip_value,
                              n_power_iterations=n_power_iterations, init_power_steps=0,
-                             v_first=True)
+                             v_first=True, raw_until_reset=True)
