@@ -1,8 +1,7 @@
 """The entry points: the ``deq-fast`` console script (:func:`main`: ``deq-fast train [options]``
 and ``deq-fast eval --ckpt ...``), and the two commands with their exit codes.
 
-``deq-fast`` with no sub-command runs ``train`` with its defaults (the MDEQ on the embedded
-digits). Exit codes: 0 done, 2 bad options, data or checkpoint (the message names it), 3 a
+``deq-fast`` alone prints the usage; options without a sub-command go to ``train``. Exit codes: 0 done, 2 bad options, data or checkpoint (the message names it), 3 a
 non-finite loss stopped the run, 130 interrupted (the last checkpoint is intact).
 """
 from __future__ import annotations
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         the exit code.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["-h"], ["--help"]):
+    if not argv or argv[:1] in (["-h"], ["--help"]):
         print(_USAGE)
         return 0
     command = argv.pop(0) if argv and not argv[0].startswith("-") else "train"

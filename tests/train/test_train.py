@@ -443,6 +443,7 @@ def test_torchrun_two_processes_stay_in_sync_and_resume(tmp_path):
 
 def test_console_script_dispatch(capsys, digits_run):
     assert cli.main(["--help"]) == 0 and "train" in capsys.readouterr().out
+    assert cli.main([]) == 0 and "usage: deq-fast" in capsys.readouterr().out   # bare: help, no run
     assert cli.main(["bogus"]) == 2 and "unknown command 'bogus'" in capsys.readouterr().err
     assert cli.main(["eval", "--ckpt", digits_run]) == 0
     assert '"test_acc"' in capsys.readouterr().out
