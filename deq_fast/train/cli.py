@@ -1,8 +1,9 @@
 """The entry points: the ``deq-fast`` console script (:func:`main`: ``deq-fast train [options]``
 and ``deq-fast eval --ckpt ...``), and the two commands with their exit codes.
 
-``deq-fast`` alone prints the usage; options without a sub-command go to ``train``. Exit codes: 0 done, 2 bad options, data or checkpoint (the message names it), 3 a
-non-finite loss stopped the run, 130 interrupted (the last checkpoint is intact).
+``deq-fast`` alone prints the usage; options without a sub-command go to ``train``. Exit codes:
+0 done, 2 bad options, data or checkpoint (the message names it), 3 a non-finite loss stopped the
+run, 130 interrupted (the last checkpoint is intact).
 """
 from __future__ import annotations
 
