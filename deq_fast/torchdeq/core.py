@@ -114,7 +114,7 @@ class _EngineDEQ(DEQBase):
         b_solver = self.b_solver_name if self.ift else "fixed_point_iter"  # unused without ift
         self.engine = _native_get_deq(
             f_solver=self.f_solver_name, b_solver=b_solver, no_stat=self.no_stat,
-            f_max_iter=max(self.f_max_iter, 1),   # 0 is handled here (see _skip_solver)
+            f_max_iter=max(self.f_max_iter, 1),   # 0 never reaches the engine (see forward)
             b_max_iter=self.b_max_iter, f_tol=self.f_tol, b_tol=self.b_tol,
             f_stop_mode=self.f_stop_mode, b_stop_mode=self.b_stop_mode,
             eval_f_max_iter=max(self.eval_f_max_iter, 1), core=self.core,
@@ -167,26 +167,17 @@ class _EngineDEQ(DEQBase):
                 z = z_out[-1]                    # the next segment resumes from the functor's
         return [deq_func.vec2list(each) for each in z_out], info
 
-    def _skip_solver(self, func: Callable, z_init: Any):
-        """TorchDEQ with 0 solver iterations: the gradient functor applied to ``z_init``."""
-        packer = Packer(z_init, "z_init")
-        z0 = packer.pack(z_init).detach()
+    @staticmethod
+    def _no_solve(z_init: Any):
+        """Evaluation with 0 solver iterations: ``z_init`` itself and TorchDEQ's placeholder
+        statistics (residuals ``1e8``, ``nstep`` 0)."""
+        z0 = Packer(z_init, "z_init").pack(z_init)
         info = {"abs_lowest": torch.full((z0.shape[0],), _PLACEHOLDER, device=z0.device,
                                          dtype=z0.dtype)}
         info.update(rel_lowest=info["abs_lowest"].clone(), abs_trace=info["abs_lowest"][:, None],
                     rel_trace=info["abs_lowest"][:, None].clone(),
                     nstep=torch.zeros_like(info["abs_lowest"]), sradius=torch.tensor([-1.0]))
-        if not self.training:
-            return [z_init], info
-
-        def flat(z, tau=1.0):
-            out = func(*packer.unpack(z)) if isinstance(z_init, (list, tuple)) \
-                else func(packer.unpack(z))
-            fz = packer.pack(out)
-            return fz if tau == 1.0 else tau * fz + (1 - tau) * z
-        produce = backward_factory(make_pair([0], self.grad)[0], tau=self.tau,
-                                   sup_gap=self.sup_gap, sup_loc=self.sup_loc)
-        return [packer.unpack(z) for z in produce(self, flat, z0)], info
+        return [z_init], info
 
     def forward(self, func: Callable, z_init: Any, solver_kwargs: dict | None = None,
                 sradius_mode: bool = False, backward_writer: Callable | None = None,
@@ -198,16 +189,11 @@ class _EngineDEQ(DEQBase):
         skw = dict(solver_kwargs or {})
         if self.training:
             return self._train(func, z_init, skw, backward_writer)
-        cap = skw.get("f_max_iter")
-        if cap is None:
-            cap = self.f_max_iter if self.training else self.eval_f_max_iter
-        if int(cap) == 0:
-            return self._skip_solver(func, z_init)
-        if "f_max_iter" not in skw and self.training and self.f_max_iter != self.engine.f_max_iter:
-            skw["f_max_iter"] = self.f_max_iter
+        if int(skw.get("f_max_iter", self.eval_f_max_iter)) == 0:
+            return self._no_solve(z_init)
         z_out, info = self.engine(func, z_init, solver_kwargs=skw or None,
                                   sradius_mode=sradius_mode, backward_writer=backward_writer)
-        if not self.training and not sradius_mode:
+        if not sradius_mode:
             info["sradius"] = torch.zeros(1)
         return z_out, info
 
