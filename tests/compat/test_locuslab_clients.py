@@ -39,15 +39,6 @@ DT = torch.float64
 TOL = 1e-9
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only contend on a shared CPU (100x slower per op)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _oracle_anderson(f, x0, name="unknown", **kw):     # the original takes **kwargs (name=...)
     return _oracle.oracle_anderson(f, x0, **kw)
 

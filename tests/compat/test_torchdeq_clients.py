@@ -60,15 +60,6 @@ def test_add_deq_args_same_defaults():
     assert vars(_args()) == vars(_ours_args())
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only contend on a shared CPU (100x slower per op)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _compare(build, run, argv=(), steps=1, tie_floor=0.0):
     """build(lib, args) -> model; run(model, lib) -> (loss, info). Same seed, same weights.
 
