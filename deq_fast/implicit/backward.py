@@ -105,11 +105,10 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
         RuntimeError: ``"cpp"`` forced but ``deq_fast._C`` (with ``backward_solve``) is not loaded
             or the device is neither CPU nor CUDA.
     """
-    if extension.available() and _cpp_module() is None and backends.requested_backend(backend) == "cpp":
-        raise RuntimeError("backend='cpp' was forced but it cannot run: deq_fast._C has no "
-                           "backward_solve: its module init must call register_backward_bindings "
-                           "(csrc/include/deq_fast/module.h); rebuild the extension")
-    return backends.resolve_backward_backend(device, backend, cpp_ready=_cpp_module() is not None)
+    missing = None if _cpp_module() is not None else (
+        "deq_fast._C has no backward_solve: its module init must call register_backward_bindings "
+        "(csrc/include/deq_fast/module.h); rebuild the extension")
+    return backends.resolve_backward_backend(device, backend, loop_missing=missing)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -97,9 +97,9 @@ def resolve_backend(device: torch.device, backend: Optional[str] = None) -> str:
 
 
 def resolve_backward_backend(device: torch.device, backend: Optional[str] = None,
-                             cpp_ready: bool = True) -> str:
+                             loop_missing: Optional[str] = None) -> str:
     """The backward loop's implementation: ``cpp`` (the C++ loop) or ``reference`` (the Python
-    loop). ``cpp_ready``: the extension provides the loop for ``device`` (CPU or CUDA).
+    loop). ``loop_missing``: why a loaded extension lacks the C++ loop (``None``: it has it).
 
     Raises:
         ValueError: an unknown name. RuntimeError: ``cpp`` forced where it cannot run.
@@ -107,9 +107,9 @@ def resolve_backward_backend(device: torch.device, backend: Optional[str] = None
     name = requested_backend(backend)
     if name == "reference":
         return "reference"
-    ok = cpp_ready and extension.available() and device.type in ("cpu", "cuda")
+    ok = extension.available() and loop_missing is None and device.type in ("cpu", "cuda")
     if name == "cpp" and not ok:
         why = (extension.extension_status()[1] if not extension.available()
-               else f"no C++ backward loop for device {device.type!r}")
+               else loop_missing or f"no C++ backward loop for device {device.type!r}")
         raise RuntimeError(f"backend='cpp' was forced but it cannot run: {why}")
     return "cpp" if ok else "reference"
