@@ -127,14 +127,19 @@ def render(data: dict[str, Any]) -> str:
     """The README's results block (without the markers) from the JSON record; deterministic."""
     job = data["main_job"]
     minutes = [r["minutes"] for r in job["runs"]]
+    epochs = job["runs"][0]["epochs"]
+    problems = ("a tiny smoke-test problem" if data["smoke"] else
+                f"the problems of `{data['solver_command']}`")
     lines = [
-        f"The main job (`{job['command']}`, the default `mdeq-digits` run, {job['runs'][0]['epochs']} "
-        f"epochs): {accuracy_text(job['runs'])} test accuracy on the held-out fifth of the digits, "
-        f"mean ± standard deviation over seeds, {min(minutes):.1f}–{max(minutes):.1f} min per run.",
+        f"The main job (`{job['command']}`: the default `mdeq-digits` run, {epochs} "
+        f"epoch{'s' if epochs != 1 else ''}): {accuracy_text(job['runs'])} test accuracy on the "
+        f"held-out fifth of the digits (mean ± standard deviation over seeds), "
+        f"{min(minutes):.1f}–{max(minutes):.1f} min per run.",
         "",
-        f"Solvers against torchdeq 0.1.0, {data['solvers'][0]['iters']} iterations without early "
-        f"stop, one CPU thread (`{data['solver_command']}`; time ratio of medians of "
-        f"{data['repeats']} interleaved solves, lower is better; counts exclude `f`):",
+        f"Solvers against torchdeq 0.1.0 through the TorchDEQ contract, "
+        f"{data['solvers'][0]['iters']} iterations without early stop, one CPU thread ({problems}; "
+        f"time: ratio of the medians of {data['repeats']} interleaved solves, lower is better; "
+        f"counts exclude `f`):",
         "",
         "| method | problem | time deq_fast / torchdeq | ops per iteration torchdeq → deq_fast "
         "| host syncs per solve torchdeq → deq_fast |",
@@ -146,12 +151,12 @@ def render(data: dict[str, Any]) -> str:
                      f"**{r['ratio']:.2f}** | {ops['torchdeq']:.0f} → {ops['deq_fast']:.0f} | "
                      f"{syncs['torchdeq']} → {syncs['deq_fast']} |")
     lines += ["", f"Measured on: {data['machine']}" + (" (smoke run: not the README's figures)"
-                                                        if data["smoke"] else "")]
+                                                        if data["smoke"] else "") + "."]
     return "\n".join(lines)
 
 
-def replace_block(text: str, block: str) -> str:
-    """``text`` with everything between the markers replaced by ``block``.
+def _block_span(text: str) -> tuple[int, int]:
+    """Start and end of the text between the markers.
 
     Raises:
         ValueError: the markers are missing or out of order.
@@ -159,15 +164,19 @@ def replace_block(text: str, block: str) -> str:
     start, stop = text.find(BEGIN), text.find(END)
     if start < 0 or stop < start:
         raise ValueError(f"the README must contain {BEGIN!r} followed by {END!r}")
-    return text[:start + len(BEGIN)] + "\n" + block + "\n" + text[stop:]
+    return start + len(BEGIN), stop
+
+
+def replace_block(text: str, block: str) -> str:
+    """``text`` with everything between the markers replaced by ``block``."""
+    start, stop = _block_span(text)
+    return text[:start] + "\n" + block + "\n" + text[stop:]
 
 
 def current_block(text: str) -> str:
     """The block between the markers of ``text`` (what :func:`render` wrote)."""
-    start, stop = text.find(BEGIN), text.find(END)
-    if start < 0 or stop < start:
-        raise ValueError(f"the README must contain {BEGIN!r} followed by {END!r}")
-    return text[start + len(BEGIN):stop].strip("\n")
+    start, stop = _block_span(text)
+    return text[start:stop].strip("\n")
 
 
 def check_finite(data: dict[str, Any]) -> None:
