@@ -111,6 +111,15 @@ def test_anchor_rule_is_githubs():
     assert "locuslab/deq-solvers" not in anchors
 
 
+def test_changelog_has_unreleased_and_the_package_version():
+    """Keep a Changelog: an Unreleased section first, then one section per version, the current
+    one (``deq_fast.__version__``, which pyproject.toml reads) included."""
+    import deq_fast
+    versions = re.findall(r"^## \[?([\w.]+)\]?", (ROOT / "CHANGELOG.md").read_text(), flags=re.M)
+    assert versions[0] == "Unreleased"
+    assert deq_fast.__version__ in versions[1:]
+
+
 def readme_commands() -> list[str]:
     """The commands of the README's ``bash`` blocks, comments stripped."""
     lines = [line.split("#")[0].strip() for _, info, code in code_blocks(ROOT / "README.md")
