@@ -133,61 +133,64 @@ struct SimdFor<double> : SimdOf<double, vec_d, vec_d> {};
 template <typename T>
 using Simd = SimdFor<T>;
 
-// F_s = fx, G_s = g = fx - x (state dtype) over one tile; returns ||g||^2 and ||fx||^2 of it.
-template <typename scalar_t>
-__attribute__((always_inline)) inline void residual_tile_impl(const scalar_t* x, const scalar_t* fx,
-                                                              scalar_t* Fs, scalar_t* Gs,
-                                                              int64_t len, double* gg, double* ff) {
+// One sweep over a tile of pass 1, for K history columns h[0..K) (0 <= K <= kMaxSweep):
+//   kFresh: F_s = fx, G_s = g = fx - x (state dtype), *gg = ||g||^2, *ff = ||fx||^2 and
+//           out[c] = <h[c], g>, all from the g just formed (in registers);
+//   else:   out[c] = <h[c], G_s> (further columns against the tile of g already written, in L1).
+template <int K, bool kFresh, typename scalar_t>
+__attribute__((always_inline)) inline void sweep_impl(const scalar_t* x, const scalar_t* fx,
+                                                      scalar_t* Fs, scalar_t* Gs,
+                                                      const scalar_t* const* h, int64_t len,
+                                                      double* out, double* gg, double* ff) {
   using S = Simd<scalar_t>;
-  typename S::wide tg = {}, tf = {};
-  int64_t i = 0;
-  for (; i + kBlock <= len; i += kBlock) {
-    typename S::vec sg = {}, sf = {};
-    for (int64_t k = i; k < i + kBlock; k += S::kLen) {
-      const typename S::vec f = S::load(fx + k);
-      const typename S::vec g = f - S::load(x + k);
-      S::store(Fs + k, f);
-      S::store(Gs + k, g);
-      sg += g * g;
-      sf += f * f;
-    }
-    tg += S::widen(sg);
-    tf += S::widen(sf);
-  }
-  double rg = S::sum(tg), rf = S::sum(tf);
-  for (; i < len; ++i) {
-    const scalar_t f = fx[i];
-    const scalar_t g = f - x[i];
-    Fs[i] = f;
-    Gs[i] = g;
-    rg += static_cast<double>(g) * static_cast<double>(g);
-    rf += static_cast<double>(f) * static_cast<double>(f);
-  }
-  *gg = rg;
-  *ff = rf;
-}
-
-// out[c] = <h[c], v> over one tile for K columns in one sweep (v is read once per K columns).
-template <int K, typename scalar_t>
-__attribute__((always_inline)) inline void dots_impl(const scalar_t* const* h, const scalar_t* v,
-                                                     int64_t len, double* out) {
-  using S = Simd<scalar_t>;
-  const scalar_t* col[K];
+  constexpr int kCols = K > 0 ? K : 1;                 // (no zero-length arrays)
+  const scalar_t* col[kCols] = {};
   for (int c = 0; c < K; ++c) col[c] = h[c];
-  typename S::wide tot[K] = {};
+  typename S::wide tot[kCols] = {}, tg = {}, tf = {};
   int64_t i = 0;
   for (; i + kBlock <= len; i += kBlock) {
-    typename S::vec s[K] = {};
+    typename S::vec s[kCols] = {}, sg = {}, sf = {};
     for (int64_t k = i; k < i + kBlock; k += S::kLen) {
-      const typename S::vec vk = S::load(v + k);
-      for (int c = 0; c < K; ++c) s[c] += S::load(col[c] + k) * vk;
+      typename S::vec g;
+      if constexpr (kFresh) {
+        const typename S::vec f = S::load(fx + k);
+        g = f - S::load(x + k);
+        S::store(Fs + k, f);
+        S::store(Gs + k, g);
+        sg += g * g;
+        sf += f * f;
+      } else {
+        g = S::load(Gs + k);
+      }
+      for (int c = 0; c < K; ++c) s[c] += S::load(col[c] + k) * g;
     }
     for (int c = 0; c < K; ++c) tot[c] += S::widen(s[c]);
+    if constexpr (kFresh) {
+      tg += S::widen(sg);
+      tf += S::widen(sf);
+    }
   }
-  for (int c = 0; c < K; ++c) {
-    double t = S::sum(tot[c]);
-    for (int64_t r = i; r < len; ++r) t += static_cast<double>(col[c][r]) * static_cast<double>(v[r]);
-    out[c] = t;
+  double rg = S::sum(tg), rf = S::sum(tf);
+  double rc[kCols];
+  for (int c = 0; c < K; ++c) rc[c] = S::sum(tot[c]);
+  for (; i < len; ++i) {                               // the tail: per element, in double
+    scalar_t g;
+    if constexpr (kFresh) {
+      const scalar_t f = fx[i];
+      g = f - x[i];
+      Fs[i] = f;
+      Gs[i] = g;
+      rg += static_cast<double>(g) * static_cast<double>(g);
+      rf += static_cast<double>(f) * static_cast<double>(f);
+    } else {
+      g = Gs[i];
+    }
+    for (int c = 0; c < K; ++c) rc[c] += static_cast<double>(col[c][i]) * static_cast<double>(g);
+  }
+  for (int c = 0; c < K; ++c) out[c] = rc[c];
+  if constexpr (kFresh) {
+    *gg = rg;
+    *ff = rf;
   }
 }
 
@@ -225,23 +228,34 @@ __attribute__((always_inline)) inline void mix_row_impl(const scalar_t* cf, cons
   }
 }
 
+// sweep_impl with K = k chosen at run time (0 <= k <= 8).
+template <bool kFresh, typename T>
+__attribute__((always_inline)) inline void sweep_k(int k, const T* x, const T* fx, T* Fs, T* Gs,
+                                                   const T* const* h, int64_t len, double* out,
+                                                   double* gg, double* ff) {
+  switch (k) {
+    case 8: sweep_impl<8, kFresh>(x, fx, Fs, Gs, h, len, out, gg, ff); break;
+    case 7: sweep_impl<7, kFresh>(x, fx, Fs, Gs, h, len, out, gg, ff); break;
+    case 6: sweep_impl<6, kFresh>(x, fx, Fs, Gs, h, len, out, gg, ff); break;
+    case 5: sweep_impl<5, kFresh>(x, fx, Fs, Gs, h, len, out, gg, ff); break;
+    case 4: sweep_impl<4, kFresh>(x, fx, Fs, Gs, h, len, out, gg, ff); break;
+    case 3: sweep_impl<3, kFresh>(x, fx, Fs, Gs, h, len, out, gg, ff); break;
+    case 2: sweep_impl<2, kFresh>(x, fx, Fs, Gs, h, len, out, gg, ff); break;
+    case 1: sweep_impl<1, kFresh>(x, fx, Fs, Gs, h, len, out, gg, ff); break;
+    default: sweep_impl<0, kFresh>(x, fx, Fs, Gs, h, len, out, gg, ff); break;
+  }
+}
+
 #define DEQ_FAST_ANDERSON_STREAMING(T)                                                            \
-  DEQ_FAST_CLONES void residual_tile(const T* x, const T* fx, T* Fs, T* Gs, int64_t len,         \
-                                     double* gg, double* ff) {                                    \
-    residual_tile_impl(x, fx, Fs, Gs, len, gg, ff);                                               \
+  DEQ_FAST_CLONES void sweep_fresh(int k, const T* x, const T* fx, T* Fs, T* Gs,                 \
+                                   const T* const* h, int64_t len, double* out, double* gg,       \
+                                   double* ff) {                                                  \
+    sweep_k<true>(k, x, fx, Fs, Gs, h, len, out, gg, ff);                                         \
   }                                                                                               \
-  DEQ_FAST_CLONES void dots_k(int k, const T* const* h, const T* v, int64_t len, double* out) {  \
-    switch (k) {                                                                                  \
-      case 8: dots_impl<8>(h, v, len, out); break;                                                \
-      case 7: dots_impl<7>(h, v, len, out); break;                                                \
-      case 6: dots_impl<6>(h, v, len, out); break;                                                \
-      case 5: dots_impl<5>(h, v, len, out); break;                                                \
-      case 4: dots_impl<4>(h, v, len, out); break;                                                \
-      case 3: dots_impl<3>(h, v, len, out); break;                                                \
-      case 2: dots_impl<2>(h, v, len, out); break;                                                \
-      case 1: dots_impl<1>(h, v, len, out); break;                                                \
-      default: break;                                                                             \
-    }                                                                                             \
+  DEQ_FAST_CLONES void sweep_more(int k, const T* Gs, const T* const* h, int64_t len,            \
+                                  double* out) {                                                  \
+    sweep_k<false>(k, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),             \
+                   static_cast<T*>(nullptr), const_cast<T*>(Gs), h, len, out, nullptr, nullptr);  \
   }                                                                                               \
   DEQ_FAST_CLONES void mix_row(const T* cf, const T* cg, const T* F, const T* G, int64_t D,     \
                                 int64_t n, bool damped, T* x, int64_t len) {                      \
@@ -251,14 +265,19 @@ DEQ_FAST_ANDERSON_STREAMING(float)
 DEQ_FAST_ANDERSON_STREAMING(double)
 #undef DEQ_FAST_ANDERSON_STREAMING
 
-// out[k] = <cols[k], v> over one tile for every k < count, up to kMaxSweep columns per sweep
+// Pass 1 over one tile: F_s, G_s, ||g||^2, ||fx||^2 and out[k] = <cols[k], g> for k < count,
+// the first kMaxSweep columns in the sweep that forms g, the others kMaxSweep per further sweep
 // (one accumulator vector per column: 8 columns leave registers for the loads).
 constexpr int64_t kMaxSweep = 8;
 
 template <typename scalar_t>
-void dots(const scalar_t* const* cols, int64_t count, const scalar_t* v, int64_t len, double* out) {
-  for (int64_t k = 0; k < count; k += kMaxSweep)
-    dots_k(static_cast<int>(std::min(kMaxSweep, count - k)), cols + k, v, len, out + k);
+void residual_tile(const scalar_t* x, const scalar_t* fx, scalar_t* Fs, scalar_t* Gs,
+                   const scalar_t* const* cols, int64_t count, int64_t len, double* out,
+                   double* gg, double* ff) {
+  int64_t k = std::min(kMaxSweep, count);
+  sweep_fresh(static_cast<int>(k), x, fx, Fs, Gs, cols, len, out, gg, ff);
+  for (; k < count; k += kMaxSweep)
+    sweep_more(static_cast<int>(std::min(kMaxSweep, count - k)), Gs, cols + k, len, out + k);
 }
 
 // Pass 1 (see deq_fast/ops/anderson.py): F[:, s] = fx; G[:, s] = g = fx - x;
@@ -300,12 +319,11 @@ void anderson_residual(const Tensor& x, const Tensor& fx_in, const Tensor& F, co
         for (int64_t t0 = 0; t0 < D; t0 += kTile) {
           const int64_t len = std::min(kTile, D - t0);
           double gg_t = 0.0, ff_t = 0.0;
-          residual_tile(xp + o + t0, fp + o + t0, Fs + t0, Gs + t0, len, &gg_t, &ff_t);
+          for (int64_t k = 0; k < n_others; ++k) cols[k] = Gb + others[k] * D + t0;
+          residual_tile(xp + o + t0, fp + o + t0, Fs + t0, Gs + t0, cols.data(), n_others, len,
+                        part.data(), &gg_t, &ff_t);
           row[slot] += gg_t;
           ff += ff_t;
-          // the other slots against the tile of g just written (in L1)
-          for (int64_t k = 0; k < n_others; ++k) cols[k] = Gb + others[k] * D + t0;
-          dots(cols.data(), n_others, Gs + t0, len, part.data());
           for (int64_t k = 0; k < n_others; ++k) row[others[k]] += part[k];
         }
         acc_t* gb = gp + b * m * m;
