@@ -97,7 +97,9 @@ constexpr int64_t kBlock = 64;
 
 // The vectors never cross a call: every helper below is inlined into the cloned entry points,
 // so GCC's note that a 32/64-byte vector argument's ABI depends on -mavx does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 #define DEQ_FAST_INLINE __attribute__((always_inline)) inline
 
 // 32-byte vectors of the state dtype (8 floats or 4 doubles) and their lanes widened to double.
@@ -125,23 +127,21 @@ struct SimdOf {
   }
 };
 template <typename T>
-struct SimdFor;
+struct Simd;
 template <>
-struct SimdFor<float> : SimdOf<float, vec_f, wide_f> {};
+struct Simd<float> : SimdOf<float, vec_f, wide_f> {};
 template <>
-struct SimdFor<double> : SimdOf<double, vec_d, vec_d> {};
-template <typename T>
-using Simd = SimdFor<T>;
+struct Simd<double> : SimdOf<double, vec_d, vec_d> {};
 
 // One sweep over a tile of pass 1, for K history columns h[0..K) (0 <= K <= kMaxSweep):
 //   kFresh: F_s = fx, G_s = g = fx - x (state dtype), *gg = ||g||^2, *ff = ||fx||^2 and
 //           out[c] = <h[c], g>, all from the g just formed (in registers);
 //   else:   out[c] = <h[c], G_s> (further columns against the tile of g already written, in L1).
 template <int K, bool kFresh, typename scalar_t>
-__attribute__((always_inline)) inline void sweep_impl(const scalar_t* x, const scalar_t* fx,
-                                                      scalar_t* Fs, scalar_t* Gs,
-                                                      const scalar_t* const* h, int64_t len,
-                                                      double* out, double* gg, double* ff) {
+DEQ_FAST_INLINE void sweep_impl(const scalar_t* x, const scalar_t* fx,
+                                scalar_t* Fs, scalar_t* Gs,
+                                const scalar_t* const* h, int64_t len,
+                                double* out, double* gg, double* ff) {
   using S = Simd<scalar_t>;
   constexpr int kCols = K > 0 ? K : 1;                 // (no zero-length arrays)
   const scalar_t* col[kCols] = {};
@@ -195,14 +195,14 @@ __attribute__((always_inline)) inline void sweep_impl(const scalar_t* x, const s
 }
 
 // x[0 .. len) = sum_{j < n} cf[j] F_j + (damped: sum_{j < n} cg[j] G_j), F_j = F + j * D, in slot
-// order per element, the sums in registers over kMixRun elements (one store per element; no tiles needed).
+// order per element, the sums in registers over kMixRun elements (one store per element).
 constexpr int64_t kMixRun = 16;
 
 template <typename scalar_t>
-__attribute__((always_inline)) inline void mix_row_impl(const scalar_t* cf, const scalar_t* cg,
-                                                         const scalar_t* F, const scalar_t* G,
-                                                         int64_t D, int64_t n, bool damped,
-                                                         scalar_t* x, int64_t len) {
+DEQ_FAST_INLINE void mix_row_impl(const scalar_t* cf, const scalar_t* cg,
+                                  const scalar_t* F, const scalar_t* G,
+                                  int64_t D, int64_t n, bool damped,
+                                  scalar_t* x, int64_t len) {
   int64_t i = 0;
   for (; i + kMixRun <= len; i += kMixRun) {
     scalar_t a[kMixRun] = {};
@@ -230,9 +230,9 @@ __attribute__((always_inline)) inline void mix_row_impl(const scalar_t* cf, cons
 
 // sweep_impl with K = k chosen at run time (0 <= k <= 8).
 template <bool kFresh, typename T>
-__attribute__((always_inline)) inline void sweep_k(int k, const T* x, const T* fx, T* Fs, T* Gs,
-                                                   const T* const* h, int64_t len, double* out,
-                                                   double* gg, double* ff) {
+DEQ_FAST_INLINE void sweep_k(int k, const T* x, const T* fx, T* Fs, T* Gs,
+                             const T* const* h, int64_t len, double* out,
+                             double* gg, double* ff) {
   switch (k) {
     case 8: sweep_impl<8, kFresh>(x, fx, Fs, Gs, h, len, out, gg, ff); break;
     case 7: sweep_impl<7, kFresh>(x, fx, Fs, Gs, h, len, out, gg, ff); break;
