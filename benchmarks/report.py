@@ -14,7 +14,10 @@ problems and TorchDEQ-contract calls as the pytest-benchmark groups, ``tol=0``):
   ``_like``/``new_`` forms) during one solve: the preallocated histories (Anderson ``X, F`` or
   ``F, G``: ``2·B·m·D``), Broyden factors (``2·B·D·L``, ``L = max_iter`` by default in both) and
   per-sample bookkeeping; per-iteration temporaries are not counted;
-* ``max |dz|``: the largest difference between the two libraries' solutions (same problem).
+* ``max |dz|``: the largest difference between the two libraries' solutions (same problem);
+* ``f`` alone: ``iters`` evaluations of ``f`` by themselves, timed in the same interleaved rounds,
+  and the floor ``f / torchdeq``: the lowest ratio any solver can reach on that problem (both
+  libraries pay for the same ``iters`` evaluations; a bar below the floor cannot be met).
 
 Then the same counts for deq_fast's locuslab-style API (``deq_fast.anderson``/``broyden``; no
 baseline package is installed for it) and the native ``deq_fast.solve`` (``check_every=1``, the
@@ -103,18 +106,38 @@ def interleaved_times(runs: dict[str, Callable[[], torch.Tensor]], repeats: int)
     return times, outs
 
 
+F_ALONE = "f alone"
+
+
+def f_alone(f: Callable, x0: torch.Tensor, iters: int) -> Callable[[], torch.Tensor]:
+    """``iters`` evaluations of ``f`` and nothing else (what both libraries pay for in a solve)."""
+    sync = torch.cuda.synchronize if x0.is_cuda else (lambda: None)
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            z = x0
+            for _ in range(iters):
+                z = f(z)
+        sync()
+        return z
+    return run
+
+
 def compare(method: str, size_name: str, device: str, repeats: int) -> dict:
     """One row of the main table: both libraries on one problem."""
     spec: Size = SIZES[size_name]
     f, x0 = make_problem(spec, device)
     log(f"{method}-{size_name}-{device}: timing ({repeats} interleaved repeats) ...")
-    times, outs = interleaved_times({lib: timed_solve(lib, method, f, x0, spec.iters) for lib in LIBS},
-                                    repeats)
+    runs = {lib: timed_solve(lib, method, f, x0, spec.iters) for lib in LIBS}
+    runs[F_ALONE] = f_alone(f, x0, spec.iters)
+    times, outs = interleaved_times(runs, repeats)
     row = {"method": method, "size": size_name, "device": device, "B": spec.B, "D": spec.D,
            "iters": spec.iters, "f": spec.f, "times_s": times,
            "max_abs_dz": (outs["deq_fast"] - outs["torchdeq"]).abs().max().item()}
     med = {lib: statistics.median(times[lib]) for lib in LIBS}
     row["median_s"] = med
+    row["f_alone_median_s"] = statistics.median(times[F_ALONE])
+    row["floor"] = row["f_alone_median_s"] / med["torchdeq"]
     row["ratio"] = med["deq_fast"] / med["torchdeq"]
     row["ratio_min"] = min(times["deq_fast"]) / min(times["torchdeq"])
     row["paired_ratio_median"] = statistics.median(
@@ -156,7 +179,7 @@ def ours_only(size_name: str, device: str) -> list[dict]:
 def markdown(rows: list[dict], extra: list[dict], repeats: int, machine: str, command: str) -> str:
     head = ("| method | size | device | torchdeq ms | deq_fast ms | ratio | ratio of mins | "
             "ops/iter torchdeq | ops/iter deq_fast | syncs/solve torchdeq | syncs/solve deq_fast | "
-            "state MiB torchdeq | state MiB deq_fast | max abs dz |")
+            "state MiB torchdeq | state MiB deq_fast | max abs dz | f alone ms | floor |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         t, o = r["torchdeq"], r["deq_fast"]
@@ -167,10 +190,13 @@ def markdown(rows: list[dict], extra: list[dict], repeats: int, machine: str, co
             f"**{r['ratio']:.2f}** | {r['ratio_min']:.2f} | {t['ops_per_iter']:.1f} | "
             f"{o['ops_per_iter']:.1f} | "
             f"{t['syncs_per_solve']} | {o['syncs_per_solve']} | {t['state_bytes'] / MIB:.2f} | "
-            f"{o['state_bytes'] / MIB:.2f} | {r['max_abs_dz']:.1e} |")
+            f"{o['state_bytes'] / MIB:.2f} | {r['max_abs_dz']:.1e} | "
+            f"{1e3 * r['f_alone_median_s']:.1f} | {r['floor']:.2f} |")
     lines += ["", f"Times: median of {repeats} interleaved solves per library; ratio = deq_fast / torchdeq "
               "medians (lower is better); ratio of mins: the same for the fastest solve of each (the "
-              "least disturbed by other load). Ops exclude `f`.", ""]
+              "least disturbed by other load). Ops exclude `f`. f alone: the solve's "
+              "evaluations of `f` by themselves, in the same rounds; floor = f alone / torchdeq, the "
+              "lowest ratio any solver can reach there.", ""]
     if extra:
         lines += ["| deq_fast API | size | ops/iter | syncs/solve | state MiB |", "|---|---|---|---|---|"]
         for e in extra:

@@ -11,13 +11,17 @@
 // float64 for float64); improved [B] bool.
 //
 // Numerics. g = fx - x is formed in the state dtype (as torch.sub does) and stored; every dot
-// product reads the stored values, accumulates products in double over 16 lanes per tile of 2048
-// elements, then sums the tile partials in order (deterministic: fixed tiles, fixed lanes, no
-// dependence on threads), and rounds once to the accumulation dtype. The reference's bmm
-// accumulates in the accumulation dtype, so the two agree to its rounding (float32: ~1e-6 relative).
+// product reads the stored values. Products and partial sums run in the state dtype on 32-byte
+// vectors over blocks of 64 elements (full-width arithmetic: the float -> double conversions of
+// per-element double accumulation made these passes compute-bound at about half the bandwidth),
+// each block's lane sums are widened to double and summed in double; the tile totals are summed
+// in order (deterministic: fixed tiles, blocks and lanes, no dependence on threads), and rounded
+// once to the accumulation dtype. The reference's bmm also multiplies and accumulates in the
+// accumulation dtype, so the two agree to its rounding (float32: ~1e-6 relative).
 // alpha comes from the one C++ copy of the least-squares solve (include/deq_fast/anderson_lstsq.h,
 // any m: scratch on the stack up to kLstsqMaxM, on the heap beyond), rounded to the accumulation
-// dtype as the reference's alpha is; the mix accumulates in double and rounds once per element.
+// dtype as the reference's alpha is; the mix multiplies and sums in the state dtype in slot order
+// per element, as the reference's bmm does (alpha cast to the state dtype).
 //
 // Bytes per call (size = element size, beta = 1):
 //   anderson_residual: read x, fx and the m - 1 other rows of G; write F_s, G_s  -> (m + 3) B D size
@@ -81,91 +85,201 @@ void check_ring(const Tensor& F, const Tensor& G, const Tensor& gram, const Tens
               "gram must be a contiguous [B, m, m] tensor of the accumulation dtype");
 }
 
-// ---- pass 1 helpers: the residual tile and the Gram row, vectorised (see cpu_stream.h) --------
+// ---- streaming helpers, vectorised (see cpu_stream.h for the clones) -------------------------
+//
+// Blocked accumulation: within a block of kBlock elements, products and sums run in the state
+// dtype on 32-byte vectors (GCC/Clang vector extensions: full-width arithmetic, no conversions;
+// these passes were bound by float -> double conversions, not by memory). Each block's lane sums
+// are then widened to double and added to double totals. For float32 a lane's block sum carries
+// kBlock / 8 = 8 products, so its error is a few float32 roundings of the block's absolute sum;
+// the totals over a row are double.
+constexpr int64_t kBlock = 64;
 
-// F_s = fx, G_s = g = fx - x (state dtype) over one tile; returns ||g||^2 and ||fx||^2 of it.
-template <typename scalar_t>
-__attribute__((always_inline)) inline void residual_tile_impl(const scalar_t* x, const scalar_t* fx,
-                                                              scalar_t* Fs, scalar_t* Gs,
-                                                              int64_t len, double* gg, double* ff) {
-  constexpr int64_t kHalf = kLanes / 2;
-  double sg[kHalf] = {}, sf[kHalf] = {};
+// The vectors never cross a call: every helper below is inlined into the cloned entry points,
+// so GCC's note that a 32/64-byte vector argument's ABI depends on -mavx does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+#define DEQ_FAST_INLINE __attribute__((always_inline)) inline
+
+// 32-byte vectors of the state dtype (8 floats or 4 doubles) and their lanes widened to double.
+// (GCC takes vector_size only on non-dependent types: one explicit definition per dtype.)
+typedef float vec_f __attribute__((vector_size(32)));
+typedef double wide_f __attribute__((vector_size(64)));
+typedef double vec_d __attribute__((vector_size(32)));
+
+template <typename T, typename Vec, typename Wide>
+struct SimdOf {
+  typedef Vec vec;
+  typedef Wide wide;
+  static constexpr int64_t kLen = sizeof(Vec) / sizeof(T);
+  static DEQ_FAST_INLINE vec load(const T* p) {
+    vec v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static DEQ_FAST_INLINE void store(T* p, vec v) { __builtin_memcpy(p, &v, sizeof v); }
+  static DEQ_FAST_INLINE wide widen(vec v) { return __builtin_convertvector(v, wide); }
+  static DEQ_FAST_INLINE double sum(wide w) {
+    double t = 0.0;
+    for (int64_t j = 0; j < kLen; ++j) t += w[j];
+    return t;
+  }
+};
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> : SimdOf<float, vec_f, wide_f> {};
+template <>
+struct Simd<double> : SimdOf<double, vec_d, vec_d> {};
+
+// One sweep over a tile of pass 1, for K history columns h[0..K) (0 <= K <= kMaxSweep):
+//   kFresh: F_s = fx, G_s = g = fx - x (state dtype), *gg = ||g||^2, *ff = ||fx||^2 and
+//           out[c] = <h[c], g>, all from the g just formed (in registers);
+//   else:   out[c] = <h[c], G_s> (further columns against the tile of g already written, in L1).
+template <int K, bool kFresh, typename scalar_t>
+DEQ_FAST_INLINE void sweep_impl(const scalar_t* x, const scalar_t* fx,
+                                scalar_t* Fs, scalar_t* Gs,
+                                const scalar_t* const* h, int64_t len,
+                                double* out, double* gg, double* ff) {
+  using S = Simd<scalar_t>;
+  constexpr int kCols = K > 0 ? K : 1;                 // (no zero-length arrays)
+  const scalar_t* col[kCols] = {};
+  for (int c = 0; c < K; ++c) col[c] = h[c];
+  typename S::wide tot[kCols] = {}, tg = {}, tf = {};
   int64_t i = 0;
-  for (; i + kHalf <= len; i += kHalf)
-    for (int64_t j = 0; j < kHalf; ++j) {
-      const scalar_t f = fx[i + j];
-      const scalar_t g = f - x[i + j];
-      Fs[i + j] = f;
-      Gs[i + j] = g;
-      sg[j] += static_cast<double>(g) * static_cast<double>(g);
-      sf[j] += static_cast<double>(f) * static_cast<double>(f);
+  for (; i + kBlock <= len; i += kBlock) {
+    typename S::vec s[kCols] = {}, sg = {}, sf = {};
+    for (int64_t k = i; k < i + kBlock; k += S::kLen) {
+      typename S::vec g;
+      if constexpr (kFresh) {
+        const typename S::vec f = S::load(fx + k);
+        g = f - S::load(x + k);
+        S::store(Fs + k, f);
+        S::store(Gs + k, g);
+        sg += g * g;
+        sf += f * f;
+      } else {
+        g = S::load(Gs + k);
+      }
+      for (int c = 0; c < K; ++c) s[c] += S::load(col[c] + k) * g;
     }
-  double tg = 0.0, tf = 0.0;
-  for (; i < len; ++i) {
-    const scalar_t f = fx[i];
-    const scalar_t g = f - x[i];
-    Fs[i] = f;
-    Gs[i] = g;
-    tg += static_cast<double>(g) * static_cast<double>(g);
-    tf += static_cast<double>(f) * static_cast<double>(f);
+    for (int c = 0; c < K; ++c) tot[c] += S::widen(s[c]);
+    if constexpr (kFresh) {
+      tg += S::widen(sg);
+      tf += S::widen(sf);
+    }
   }
-  for (int64_t j = 0; j < kHalf; ++j) {
-    tg += sg[j];
-    tf += sf[j];
+  double rg = S::sum(tg), rf = S::sum(tf);
+  double rc[kCols];
+  for (int c = 0; c < K; ++c) rc[c] = S::sum(tot[c]);
+  for (; i < len; ++i) {                               // the tail: per element, in double
+    scalar_t g;
+    if constexpr (kFresh) {
+      const scalar_t f = fx[i];
+      g = f - x[i];
+      Fs[i] = f;
+      Gs[i] = g;
+      rg += static_cast<double>(g) * static_cast<double>(g);
+      rf += static_cast<double>(f) * static_cast<double>(f);
+    } else {
+      g = Gs[i];
+    }
+    for (int c = 0; c < K; ++c) rc[c] += static_cast<double>(col[c][i]) * static_cast<double>(g);
   }
-  *gg = tg;
-  *ff = tf;
+  for (int c = 0; c < K; ++c) out[c] = rc[c];
+  if constexpr (kFresh) {
+    *gg = rg;
+    *ff = rf;
+  }
 }
 
-// out[k] = <hist_{cols[k]}, v> over one tile, four columns per sweep (v is loaded once per four
-// columns and stays in L1).
+// x[0 .. len) = sum_{j < n} cf[j] F_j + (damped: sum_{j < n} cg[j] G_j), F_j = F + j * D, in slot
+// order per element, the sums in registers over kMixRun elements (one store per element).
 template <typename scalar_t>
-__attribute__((always_inline)) inline void dots4_impl(const scalar_t* h0, const scalar_t* h1,
-                                                      const scalar_t* h2, const scalar_t* h3,
-                                                      const scalar_t* v, int64_t len, double* out) {
-  constexpr int64_t kQ = 4;   // lanes per column: 4 columns x 4 lanes = 16 double accumulators
-  double s0[kQ] = {}, s1[kQ] = {}, s2[kQ] = {}, s3[kQ] = {};
+constexpr int64_t kMixRun = 4 * sizeof(scalar_t);    // 16 floats, 32 doubles (measured best)
+
+template <typename scalar_t>
+DEQ_FAST_INLINE void mix_row_impl(const scalar_t* cf, const scalar_t* cg,
+                                  const scalar_t* F, const scalar_t* G,
+                                  int64_t D, int64_t n, bool damped,
+                                  scalar_t* x, int64_t len) {
   int64_t i = 0;
-  for (; i + kQ <= len; i += kQ)
-    for (int64_t j = 0; j < kQ; ++j) {
-      const double vj = static_cast<double>(v[i + j]);
-      s0[j] += static_cast<double>(h0[i + j]) * vj;
-      s1[j] += static_cast<double>(h1[i + j]) * vj;
-      s2[j] += static_cast<double>(h2[i + j]) * vj;
-      s3[j] += static_cast<double>(h3[i + j]) * vj;
+  for (; i + kMixRun<scalar_t> <= len; i += kMixRun<scalar_t>) {
+    scalar_t a[kMixRun<scalar_t>] = {};
+    for (int64_t j = 0; j < n; ++j) {
+      const scalar_t c = cf[j];
+      const scalar_t* h = F + j * D + i;
+      for (int64_t k = 0; k < kMixRun<scalar_t>; ++k) a[k] += c * h[k];
     }
-  double t0 = 0.0, t1 = 0.0, t2 = 0.0, t3 = 0.0;
+    if (damped)
+      for (int64_t j = 0; j < n; ++j) {
+        const scalar_t c = cg[j];
+        const scalar_t* h = G + j * D + i;
+        for (int64_t k = 0; k < kMixRun<scalar_t>; ++k) a[k] += c * h[k];
+      }
+    for (int64_t k = 0; k < kMixRun<scalar_t>; ++k) x[i + k] = a[k];
+  }
   for (; i < len; ++i) {
-    const double vi = static_cast<double>(v[i]);
-    t0 += static_cast<double>(h0[i]) * vi;
-    t1 += static_cast<double>(h1[i]) * vi;
-    t2 += static_cast<double>(h2[i]) * vi;
-    t3 += static_cast<double>(h3[i]) * vi;
+    scalar_t a = 0;
+    for (int64_t j = 0; j < n; ++j) a += cf[j] * F[j * D + i];
+    if (damped)
+      for (int64_t j = 0; j < n; ++j) a += cg[j] * G[j * D + i];
+    x[i] = a;
   }
-  for (int64_t j = 0; j < kQ; ++j) {
-    t0 += s0[j];
-    t1 += s1[j];
-    t2 += s2[j];
-    t3 += s3[j];
+}
+
+// sweep_impl with K = k chosen at run time (0 <= k <= 8).
+template <bool kFresh, typename T>
+DEQ_FAST_INLINE void sweep_k(int k, const T* x, const T* fx, T* Fs, T* Gs,
+                             const T* const* h, int64_t len, double* out,
+                             double* gg, double* ff) {
+  switch (k) {
+    case 8: sweep_impl<8, kFresh>(x, fx, Fs, Gs, h, len, out, gg, ff); break;
+    case 7: sweep_impl<7, kFresh>(x, fx, Fs, Gs, h, len, out, gg, ff); break;
+    case 6: sweep_impl<6, kFresh>(x, fx, Fs, Gs, h, len, out, gg, ff); break;
+    case 5: sweep_impl<5, kFresh>(x, fx, Fs, Gs, h, len, out, gg, ff); break;
+    case 4: sweep_impl<4, kFresh>(x, fx, Fs, Gs, h, len, out, gg, ff); break;
+    case 3: sweep_impl<3, kFresh>(x, fx, Fs, Gs, h, len, out, gg, ff); break;
+    case 2: sweep_impl<2, kFresh>(x, fx, Fs, Gs, h, len, out, gg, ff); break;
+    case 1: sweep_impl<1, kFresh>(x, fx, Fs, Gs, h, len, out, gg, ff); break;
+    default: sweep_impl<0, kFresh>(x, fx, Fs, Gs, h, len, out, gg, ff); break;
   }
-  out[0] = t0;
-  out[1] = t1;
-  out[2] = t2;
-  out[3] = t3;
 }
 
 #define DEQ_FAST_ANDERSON_STREAMING(T)                                                            \
-  DEQ_FAST_CLONES void residual_tile(const T* x, const T* fx, T* Fs, T* Gs, int64_t len,         \
-                                     double* gg, double* ff) {                                    \
-    residual_tile_impl(x, fx, Fs, Gs, len, gg, ff);                                               \
+  DEQ_FAST_CLONES void sweep_fresh(int k, const T* x, const T* fx, T* Fs, T* Gs,                 \
+                                   const T* const* h, int64_t len, double* out, double* gg,       \
+                                   double* ff) {                                                  \
+    sweep_k<true>(k, x, fx, Fs, Gs, h, len, out, gg, ff);                                         \
   }                                                                                               \
-  DEQ_FAST_CLONES void dots4(const T* h0, const T* h1, const T* h2, const T* h3, const T* v,     \
-                             int64_t len, double* out) {                                          \
-    dots4_impl(h0, h1, h2, h3, v, len, out);                                                      \
+  DEQ_FAST_CLONES void sweep_more(int k, const T* Gs, const T* const* h, int64_t len,            \
+                                  double* out) {                                                  \
+    sweep_k<false>(k, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),             \
+                   static_cast<T*>(nullptr), const_cast<T*>(Gs), h, len, out, nullptr, nullptr);  \
+  }                                                                                               \
+  DEQ_FAST_CLONES void mix_row(const T* cf, const T* cg, const T* F, const T* G, int64_t D,     \
+                                int64_t n, bool damped, T* x, int64_t len) {                      \
+    mix_row_impl(cf, cg, F, G, D, n, damped, x, len);                                            \
   }
 DEQ_FAST_ANDERSON_STREAMING(float)
 DEQ_FAST_ANDERSON_STREAMING(double)
 #undef DEQ_FAST_ANDERSON_STREAMING
+
+// Pass 1 over one tile: F_s, G_s, ||g||^2, ||fx||^2 and out[k] = <cols[k], g> for k < count,
+// the first kMaxSweep columns in the sweep that forms g, the others kMaxSweep per further sweep
+// (one accumulator vector per column: 8 columns leave registers for the loads).
+constexpr int64_t kMaxSweep = 8;
+
+template <typename scalar_t>
+void residual_tile(const scalar_t* x, const scalar_t* fx, scalar_t* Fs, scalar_t* Gs,
+                   const scalar_t* const* cols, int64_t count, int64_t len, double* out,
+                   double* gg, double* ff) {
+  int64_t k = std::min(kMaxSweep, count);
+  sweep_fresh(static_cast<int>(k), x, fx, Fs, Gs, cols, len, out, gg, ff);
+  for (; k < count; k += kMaxSweep)
+    sweep_more(static_cast<int>(std::min(kMaxSweep, count - k)), Gs, cols + k, len, out + k);
+}
 
 // Pass 1 (see deq_fast/ops/anderson.py): F[:, s] = fx; G[:, s] = g = fx - x;
 // gram[:, s, j] = gram[:, j, s] = <G_j, g> for every j; sq = [||g||^2, ||fx||^2].
@@ -190,12 +304,12 @@ void anderson_residual(const Tensor& x, const Tensor& fx_in, const Tensor& F, co
     acc_t* gp = gram.mutable_data_ptr<acc_t>();
     acc_t* sp = sq.mutable_data_ptr<acc_t>();
     at::parallel_for(0, B, grain(D), [&](int64_t b0, int64_t b1) {
-      std::vector<double> row(m);
-      std::vector<int64_t> others;
-      others.reserve(m);
+      std::vector<double> row(m), part(m);
+      std::vector<int64_t> others;                 // the slots other than `slot`, in order
       for (int64_t j = 0; j < m; ++j)
         if (j != slot) others.push_back(j);
       const int64_t n_others = static_cast<int64_t>(others.size());
+      std::vector<const scalar_t*> cols(std::max<int64_t>(n_others, 1));
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t o = b * D;
         const scalar_t* Gb = Gp + b * m * D;
@@ -206,24 +320,12 @@ void anderson_residual(const Tensor& x, const Tensor& fx_in, const Tensor& F, co
         for (int64_t t0 = 0; t0 < D; t0 += kTile) {
           const int64_t len = std::min(kTile, D - t0);
           double gg_t = 0.0, ff_t = 0.0;
-          residual_tile(xp + o + t0, fp + o + t0, Fs + t0, Gs + t0, len, &gg_t, &ff_t);
+          for (int64_t k = 0; k < n_others; ++k) cols[k] = Gb + others[k] * D + t0;
+          residual_tile(xp + o + t0, fp + o + t0, Fs + t0, Gs + t0, cols.data(), n_others, len,
+                        part.data(), &gg_t, &ff_t);
           row[slot] += gg_t;
           ff += ff_t;
-          // the other slots against the tile of g just written (in L1)
-          int64_t k = 0;
-          double part[4];
-          for (; k + 4 <= n_others; k += 4) {
-            dots4(Gb + others[k] * D + t0, Gb + others[k + 1] * D + t0,
-                  Gb + others[k + 2] * D + t0, Gb + others[k + 3] * D + t0, Gs + t0, len, part);
-            for (int64_t q = 0; q < 4; ++q) row[others[k + q]] += part[q];
-          }
-          for (; k + 2 <= n_others; k += 2) {
-            dot_pair(Gb + others[k] * D + t0, Gs + t0, Gb + others[k + 1] * D + t0, Gs + t0, len,
-                     &part[0], &part[1]);
-            row[others[k]] += part[0];
-            row[others[k + 1]] += part[1];
-          }
-          if (k < n_others) row[others[k]] += dot(Gb + others[k] * D + t0, Gs + t0, len);
+          for (int64_t k = 0; k < n_others; ++k) row[others[k]] += part[k];
         }
         acc_t* gb = gp + b * m * m;
         for (int64_t j = 0; j < m; ++j) {
@@ -267,8 +369,7 @@ void anderson_mix(const Tensor& F, const Tensor& G, const Tensor& gram, const Te
     at::parallel_for(0, B, grain(D), [&](int64_t b0, int64_t b1) {
       std::vector<double> work(anderson_lstsq_work_size(static_cast<int>(std::max<int64_t>(n, 1))));
       std::vector<acc_t> alpha(std::max<int64_t>(n, 1));
-      std::vector<double> cf(std::max<int64_t>(n, 1)), cg(std::max<int64_t>(n, 1));
-      double acc[kTile];
+      std::vector<scalar_t> cf(std::max<int64_t>(n, 1)), cg(std::max<int64_t>(n, 1));
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t o = b * D;
         const scalar_t* Fb = Fp + b * m * D;
@@ -281,20 +382,10 @@ void anderson_mix(const Tensor& F, const Tensor& G, const Tensor& gram, const Te
         anderson_lstsq_solve(gp + b * m * m, static_cast<int>(m), static_cast<int>(n),
                              static_cast<int>(newest), lam, scaled, work.data(), alpha.data());
         for (int64_t j = 0; j < n; ++j) {
-          cf[j] = static_cast<double>(alpha[j]);
-          cg[j] = (beta - 1.0) * cf[j];
+          cf[j] = static_cast<scalar_t>(alpha[j]);
+          cg[j] = static_cast<scalar_t>((beta - 1.0) * static_cast<double>(alpha[j]));
         }
-        for (int64_t t0 = 0; t0 < D; t0 += kTile) {
-          const int64_t len = std::min(kTile, D - t0);
-          std::fill(acc, acc + len, 0.0);
-          for (int64_t l0 = 0; l0 < n; l0 += kMaxColumns) {
-            const int64_t nb = std::min(kMaxColumns, n - l0);
-            combine_tile(acc, cf.data() + l0, Fb + l0 * D + t0, D, nb, -1, len);
-            if (damped) combine_tile(acc, cg.data() + l0, Gb + l0 * D + t0, D, nb, -1, len);
-          }
-          scalar_t* xt = xp + o + t0;
-          for (int64_t i = 0; i < len; ++i) xt[i] = static_cast<scalar_t>(acc[i]);
-        }
+        mix_row(cf.data(), cg.data(), Fb, Gb, D, n, damped, xp + o, D);
       }
     });
   });

@@ -28,8 +28,9 @@ pytestmark = pytest.mark.skipif(os.environ.get("DEQ_FAST_NO_EXT") == "1",
 
 NAN = float("nan")
 OPS = ("anderson_residual", "anderson_mix", "residual_norms", "fixed_point_advance", "track_status")
-# max |op - ref| / max(|ref|, 1): the C++ kernels accumulate in double, the reference in the
-# accumulation dtype (float32 bmm / vector_norm), so float32 differs by the reference's rounding
+# max |op - ref| / max(|ref|, 1): the C++ kernels accumulate in double (Anderson's: 64-element
+# blocks in the state dtype, then double), the reference in the accumulation dtype (float32 bmm /
+# vector_norm), so float32 differs by the reference's rounding
 TOL = {torch.float64: 1e-12, torch.float32: 3e-6}
 DT_IDS = {torch.float64: "fp64", torch.float32: "fp32"}
 DTYPES = [torch.float32, torch.float64]
