@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from deq_fast import extension_status
 from deq_fast.data import LMData, VisionData, unigram_loss
 from deq_fast.train.batches import epoch_batches, get_batch, steps_per_epoch
 from deq_fast.train.build import (
@@ -40,6 +41,7 @@ from deq_fast.train.build import (
 from deq_fast.train.checkpoint import (
     CKPT_FORMAT,
     CKPT_NAME,
+    CONFIG_NAME,
     check_out_dir,
     param_digest,
     rng_state,
@@ -60,6 +62,7 @@ from deq_fast.train.records import (
     solve_stats,
     write_jsonl,
 )
+from deq_fast.train.summary import run_summary
 
 __all__ = ["run_training", "Trainer", "compute_loss"]
 
@@ -202,7 +205,7 @@ class Trainer:
         out_dir = self.out_dir
         try:
             os.makedirs(out_dir, exist_ok=True)
-            atomic_write_bytes(os.path.join(out_dir, "config.json"),
+            atomic_write_bytes(os.path.join(out_dir, CONFIG_NAME),
                                json.dumps(self.cfg.to_dict(), indent=1, default=str).encode())
         except OSError as exc:
             raise TrainingError(f"--out {out_dir!r}: cannot create the output directory or write "
@@ -221,6 +224,9 @@ class Trainer:
                  f"({sum(p.numel() for p in self.params):,} parameters, {self.ranks.world} "
                  f"process(es), {self.threads} thread(s) each, device {self.device}, "
                  f"deq_impl {cfg.deq_impl}) -> {self.out_dir}")
+        ext_ok, ext_msg = extension_status()
+        if not ext_ok:
+            self.log(f"note: {ext_msg}")
         while self.epoch < cfg.epochs and self.stopped is None:
             self._run_epoch()
         result = dict(self.records[-1]) if self.records else {}
@@ -228,6 +234,7 @@ class Trainer:
             result["stopped_at_step"] = self.stopped
             self.log(f"stopped after step {self.stopped} (--max_steps); continue with --resume "
                      f"{self.out_dir}")
+        self.log(run_summary(self.records, self.out_dir, time.time() - self.t_start, cfg.epochs))
         return result
 
     def _start_epoch(self) -> tuple[EpochStats, float]:

@@ -124,7 +124,7 @@ def test_resume_refuses_an_incompatible_configuration(digits_run, tmp_path, caps
     with open(path, "wb") as fh:
         fh.write(raw[: len(raw) // 3])
     assert train.main(["--resume", run]) == 2
-    assert "corrupt or truncated" in capsys.readouterr().err
+    assert f"--resume {path!r} is corrupt or truncated" in capsys.readouterr().err
 
 
 def test_config_precedence_and_stored_configurations_are_checked(digits_run):
@@ -183,7 +183,8 @@ def test_gmres_backward_trains(tmp_path):
     (["--data", "cifar10", "--data_dir", "/nonexistent/cifar"], "'/nonexistent/cifar' does not "
                                                                  "exist"),
     (["--model", "deq-lm-small", "--data", "digits"], "needs data among"),
-    (["--resume", "/nonexistent/run"], "no checkpoint at"),
+    (["--resume", "/nonexistent/run"], "--resume '/nonexistent/run' does not exist; expected a "
+                                       "run directory of deq-fast train or its checkpoint.pt"),
     (["--deq_impl", "torchdeq", "--b_solver", "gmres"], "is a deq_fast backward solver"),
 ], ids=["no-dir", "missing-dir", "kind", "resume", "gmres-on-torchdeq"])
 def test_bad_data_or_checkpoint_is_named(argv, match, capsys, tmp_path):
@@ -263,21 +264,70 @@ def test_skip_stops_after_too_many_consecutive_nonfinite_steps(tmp_path, monkeyp
     assert calls["n"] == 6                                      # nothing ran after the stop
 
 
+def _interrupt_at(monkeypatch, name, call):
+    """Ctrl-C, deterministically: ``loop.<name>`` raises KeyboardInterrupt on its ``call``-th
+    call (``compute_loss``: once per training step)."""
+    real = getattr(loop, name)
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt()
+        return real(*args, **kwargs)
+    monkeypatch.setattr(loop, name, interrupted)
+
+
+# Where Ctrl-C lands (6 steps per epoch, 2 epochs), what is on disk then, and how to continue.
+INTERRUPTS = {
+    "step-2-rerun": ("compute_loss", 2, [], "same"),            # before the first checkpoint
+    "first-evaluation-resume": ("evaluate", 1, [], "resume"),   # all of epoch 1's steps logged
+    "after-mid-epoch-checkpoint": ("compute_loss", 5, ["--ckpt_every", "2"], "resume"),
+    "plots-of-epoch-1": ("plot_run", 1, [], "resume"),          # checkpoint of epoch 1 written
+}
+
+
 @pytest.mark.slow
-def test_interrupt_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
-    _nan_at(5, monkeypatch, exc=KeyboardInterrupt())
-    out = str(tmp_path / "int")
-    assert train.main(FAST + ["--epochs", "1", "--ckpt_every", "2", "--out", out]) == 130
+@pytest.mark.parametrize("where", list(INTERRUPTS))
+def test_interrupt_anywhere_then_rerun_or_resume_ends_like_the_uninterrupted_run(
+        where, digits_run, tmp_path, monkeypatch, capsys):
+    name, call, extra, how = INTERRUPTS[where]
+    out = str(tmp_path / "run")
+    command = FAST + ["--epochs", "2", "--out", out] + extra
+    _interrupt_at(monkeypatch, name, call)
+    assert train.main(command) == 130
     err = capsys.readouterr().err
-    assert f"interrupted; the last checkpoint is intact: continue with --resume {out}\n" in err
-    ckpt = load_checkpoint(out)
-    assert ckpt["step"] == 4 and ckpt["batch_in_epoch"] == 4
-    _nan_at(1, monkeypatch, exc=KeyboardInterrupt())
-    early = str(tmp_path / "early")
-    assert train.main(FAST + ["--epochs", "1", "--out", early]) == 130
-    err = capsys.readouterr().err
-    assert f"interrupted; no checkpoint was written yet to {early}; nothing to resume" in err
-    assert "--resume" not in err and not os.path.exists(os.path.join(early, CKPT_NAME))
+    if os.path.isfile(os.path.join(out, CKPT_NAME)):
+        assert f"interrupted; the last checkpoint is intact: continue with --resume {out}\n" \
+            in err
+        assert train.main(command) == 2                          # the run is not overwritten
+        assert f"--out {out!r} already holds a run" in capsys.readouterr().err
+    else:
+        assert f"interrupted; no checkpoint was written yet to {out}: start the run again with " \
+            f"--resume {out} (from the beginning, same configuration) or the same command" in err
+    monkeypatch.undo()
+    assert train.main(command if how == "same" else ["--resume", out]) == 0
+    summary = capsys.readouterr().out
+    assert "summary: 2/2 epochs" in summary and f"files in {out}: checkpoint checkpoint.pt" \
+        in summary
+    want, got = (_jsonl(os.path.join(d, "metrics.jsonl")) for d in (digits_run, out))
+    assert [r["epoch"] for r in got] == [1, 2]
+    for a, b in zip(want, got):
+        assert b["test_acc"] == a["test_acc"]
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
+    want, got = (_jsonl(os.path.join(d, "steps.jsonl")) for d in (digits_run, out))
+    assert [s["step"] for s in got] == list(range(1, 13))
+    assert [s["loss"] for s in got] == pytest.approx([s["loss"] for s in want], rel=1e-6)
+
+
+def test_interrupt_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loop.Trainer, "_prepare_out_dir",
+                        lambda self, resumed: (_ for _ in ()).throw(KeyboardInterrupt()))
+    out = str(tmp_path / "never")
+    assert train.main(FAST + ["--out", out]) == 130
+    assert "interrupted; nothing was written yet: run the same command again" \
+        in capsys.readouterr().err
+    assert not os.path.exists(out)
 
 
 @pytest.mark.parametrize("fail", ["fsync", "replace"])
@@ -369,7 +419,9 @@ def test_eval_of_a_language_model_reports_the_test_split(tmp_path, capsys):
     data = load_wikitext103(root)
     assert results["test"]["unigram_loss"] == pytest.approx(unigram_loss(data, "test"))
     assert results["valid"]["unigram_loss"] == pytest.approx(rec["unigram_loss"])
-    assert results["valid"]["test_loss"] == pytest.approx(rec["test_loss"], rel=1e-6)
+    # keys named by the split measured: the valid split reproduces the epoch's record
+    assert "test_loss" not in results["valid"] and "valid_ppl" in results["valid"]
+    assert results["valid"]["valid_loss"] == pytest.approx(rec["test_loss"], rel=1e-6)
     assert results["test"]["test_loss"] != pytest.approx(rec["test_loss"], rel=1e-3)
 
 
