@@ -518,3 +518,75 @@ def test_mdeq_tiny_on_cifar10_files(tmp_path):
                        "--out", out]) == 0
     rec = _jsonl(os.path.join(out, "metrics.jsonl"))[0]
     assert rec["step"] == 3 and 0.0 <= rec["test_acc"] <= 1.0 and rec["f_nfe"] > 0
+
+
+def test_every_option_shows_its_default_or_the_rule_per_model():
+    for parser in (train.build_parser(), cli.build_eval_parser()):
+        for action in parser._actions:
+            if action.dest not in ("help", "ckpt"):
+                assert "default" in (action.help or ""), (parser.prog, action.dest)
+    help_text = " ".join(train.build_parser().format_help().split())
+    epochs = {m: get_config(m)["train"]["epochs"] for m in ("mdeq-digits", "deq-lm-small")}
+    assert f"mdeq-digits {epochs['mdeq-digits']}," in help_text
+    assert f"deq-lm-small {epochs['deq-lm-small']}" in help_text
+    assert "--seed SEED default: 0" in help_text and "(default: mdeq-digits)" in help_text
+
+
+def test_resuming_a_finished_run_says_so_and_how_to_extend_it(digits_run, capsys, monkeypatch):
+    monkeypatch.setattr(loop, "run_training", None)             # calling it would fail
+    assert train.main(["--resume", digits_run]) == 0
+    out = capsys.readouterr().out
+    assert f"the run in {digits_run} is already finished (2 of 2 epochs); to train it further " \
+        f"pass a larger --epochs, e.g. --resume {digits_run} --epochs 12" in out
+    final = _jsonl(os.path.join(digits_run, "metrics.jsonl"))[-1]
+    assert "summary: 2/2 epochs" in out
+    assert f"test accuracy: final {100 * final['test_acc']:.2f}% (epoch 2)" in out
+
+
+def test_summary_names_best_and_final_results_and_the_files(tmp_path):
+    from deq_fast.train.summary import run_summary
+    (tmp_path / CKPT_NAME).write_bytes(b"x")
+    (tmp_path / "curves.png").write_bytes(b"x")
+    vision = [{"epoch": 1, "test_acc": 0.5}, {"epoch": 2, "test_acc": 0.9},
+              {"epoch": 3, "test_acc": 0.8}]
+    text = run_summary(vision, str(tmp_path), 61.25, 5)
+    assert text.splitlines() == [
+        "summary: 3/5 epochs, wall time 61.2 s",
+        "  test accuracy: final 80.00% (epoch 3), best 90.00% (epoch 2)",
+        f"  files in {tmp_path}: checkpoint checkpoint.pt; plots curves.png"]
+    lm = [{"epoch": 1, "test_loss": 2.0, "test_ppl": math.exp(2.0)},
+          {"epoch": 2, "test_loss": None, "test_ppl": None}]
+    assert "validation loss: final not finite (epoch 2), best 2.0000 (perplexity 7.39) " \
+        "(epoch 1)" in run_summary(lm, str(tmp_path), 1.0, 2)
+    assert "no epoch finished yet" in run_summary([], str(tmp_path), 0.0, 2)
+
+
+def test_wrong_files_given_to_resume_are_named(digits_run, tmp_path, capsys):
+    import collections
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not a checkpoint")
+    state_dict = str(tmp_path / "weights.pt")
+    torch.save({"w": torch.zeros(2)}, state_dict)
+    pickled = str(tmp_path / "object.pt")
+    torch.save(collections.OrderedDict(w=torch.nn.Linear(2, 2)), pickled)   # a module: pickle
+    config = os.path.join(digits_run, "config.json")
+    expected = "expected a run directory of deq-fast train or its checkpoint.pt"
+    for path, what in [
+            (config, f"is a run's configuration, not its checkpoint; pass the run directory: "
+                     f"--resume {digits_run}"),
+            (str(junk), f"is corrupt or truncated, or not a PyTorch file; {expected}"),
+            (state_dict, "is a PyTorch file but not a checkpoint of deq-fast train (no format "),
+            (pickled, "is a PyTorch file that is not a checkpoint of deq-fast train (it holds "
+                      "Python objects other than tensors"),
+            (str(tmp_path), f"no checkpoint.pt in this directory; {expected}")]:
+        assert train.main(["--resume", path]) == 2
+        err = capsys.readouterr().err
+        assert f"--resume {path!r}" in err and what in err and "weights_only" not in err, err
+    assert train.eval_main(["--ckpt", str(junk)]) == 2
+    assert f"--ckpt {str(junk)!r} is corrupt" in capsys.readouterr().err
+
+
+def test_missing_extension_is_reported_when_training_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loop, "extension_status", lambda: (False, "deq_fast._C not built (x)"))
+    assert train.main(FAST + ["--max_steps", "1", "--out", str(tmp_path / "o")]) == 0
+    assert "note: deq_fast._C not built (x)" in capsys.readouterr().out
