@@ -393,7 +393,7 @@ class Trainer:
         self._save(self.epoch, 0)
         if self.ranks.main:
             write_jsonl(os.path.join(self.out_dir, "metrics.jsonl"), self.records)
-            plot_run(self.out_dir, self.records)
+            plot_run(self.out_dir, self.records, self.cfg)
             self.log(self._epoch_line(rec))
 
     def _epoch_line(self, rec: dict[str, Any]) -> str:
