@@ -28,8 +28,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from deq_fast import extension_status
 from deq_fast.data import LMData, VisionData, unigram_loss
+from deq_fast.ops.extension import extension_status
 from deq_fast.train.batches import epoch_batches, get_batch, steps_per_epoch
 from deq_fast.train.build import (
     build_run_model,
