@@ -590,3 +590,26 @@ def test_missing_extension_is_reported_when_training_starts(tmp_path, monkeypatc
     monkeypatch.setattr(loop, "extension_status", lambda: (False, "deq_fast._C not built (x)"))
     assert train.main(FAST + ["--max_steps", "1", "--out", str(tmp_path / "o")]) == 0
     assert "note: deq_fast._C not built (x)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_real_ctrl_c_in_the_first_epoch_then_the_same_command_works(tmp_path):
+    """SIGINT to a real ``python -m deq_fast.train`` once it prints its first line (the run
+    directory exists, no checkpoint yet): exit 130 with the way to continue, and the same command
+    then trains the run to its end."""
+    import signal
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "deq_fast.train"] + FAST + ["--epochs", "1", "--out", out]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    first = proc.stdout.readline()
+    assert first.startswith("training mdeq-digits"), first
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted; " in err and "Traceback" not in err
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "summary: 1/1 epochs" in r.stdout
+    assert load_checkpoint(out)["epoch"] == 1
