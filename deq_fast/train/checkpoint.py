@@ -124,9 +124,13 @@ def check_out_dir(out_dir: str) -> None:
     found = [f for f in ("metrics.jsonl", CKPT_NAME)
              if os.path.isfile(os.path.join(out_dir, f))
              and os.path.getsize(os.path.join(out_dir, f)) > 0]
-    if found:
+    if CKPT_NAME in found:
         raise TrainingError(f"--out {out_dir!r} already holds a run ({', '.join(found)}); pass "
                             f"--resume {out_dir} to continue it, or choose another --out")
+    if found:
+        raise TrainingError(f"--out {out_dir!r} holds the epoch records of a run whose "
+                            f"{CKPT_NAME} is missing, so it cannot be continued; choose another "
+                            "--out, or remove the directory")
 
 
 def rng_state() -> dict[str, Any]:

@@ -74,8 +74,9 @@ def _run_config(explicit: dict[str, Any]) -> tuple[TrainConfig, str, dict[str, A
     where = explicit["resume"]
     unstarted = read_run_config(where)
     if unstarted is not None:
-        print(f"note: {where} has no checkpoint yet (interrupted before the first one); "
-              f"starting that run from the beginning with its {CONFIG_NAME}", flush=True)
+        if Ranks().main:
+            print(f"note: {where} has no checkpoint yet (interrupted before the first one); "
+                  f"starting that run from the beginning with its {CONFIG_NAME}", flush=True)
         return resume_config(unstarted, explicit, where), explicit.get("out", where), None
     resume = load_checkpoint(where)
     cfg = resume_config(resume["config"], explicit, where)

@@ -613,3 +613,14 @@ def test_real_ctrl_c_in_the_first_epoch_then_the_same_command_works(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "summary: 1/1 epochs" in r.stdout
     assert load_checkpoint(out)["epoch"] == 1
+
+
+def test_records_without_a_checkpoint_are_neither_overwritten_nor_resumed(digits_run, tmp_path,
+                                                                         capsys):
+    run = str(tmp_path / "lost")
+    shutil.copytree(digits_run, run)
+    os.remove(os.path.join(run, CKPT_NAME))
+    for argv in (FAST + ["--out", run], ["--resume", run]):
+        assert train.main(argv) == 2
+        assert f"--out {run!r} holds the epoch records of a run whose checkpoint.pt is missing" \
+            in capsys.readouterr().err
