@@ -26,7 +26,7 @@ def _held_out_line(records: list[dict[str, Any]]) -> str:
     def loss(r: dict[str, Any]) -> str:
         if r.get("test_loss") is None:
             return "not finite"
-        return f"{r['test_loss']:.4f} (perplexity {r['test_ppl']:.2f})"
+        return f"{r['test_loss']:.4f}, perplexity {r['test_ppl']:.2f}"
     return (f"validation loss: final {loss(last)} (epoch {last['epoch']}), best {loss(best)} "
             f"(epoch {best['epoch']})")
 

@@ -556,7 +556,7 @@ def test_summary_names_best_and_final_results_and_the_files(tmp_path):
         f"  files in {tmp_path}: checkpoint checkpoint.pt; plots curves.png"]
     lm = [{"epoch": 1, "test_loss": 2.0, "test_ppl": math.exp(2.0)},
           {"epoch": 2, "test_loss": None, "test_ppl": None}]
-    assert "validation loss: final not finite (epoch 2), best 2.0000 (perplexity 7.39) " \
+    assert "validation loss: final not finite (epoch 2), best 2.0000, perplexity 7.39 " \
         "(epoch 1)" in run_summary(lm, str(tmp_path), 1.0, 2)
     assert "no epoch finished yet" in run_summary([], str(tmp_path), 0.0, 2)
 
