@@ -19,6 +19,7 @@ middle is recorded as a whole).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -87,6 +88,11 @@ def compute_loss(logits: torch.Tensor, target: torch.Tensor,
     """
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                            label_smoothing=label_smoothing)
+
+
+def _residual_text(value: float) -> str:
+    """An epoch's mean residual for the log line; ``-`` when no solve reported one (warm-up)."""
+    return f"{value:.2e}" if math.isfinite(value) else "-"
 
 
 def run_training(cfg: TrainConfig, out_dir: str, resume: dict[str, Any] | None = None,
@@ -405,8 +411,10 @@ class Trainer:
                     f"unigram {self.unigram:.3f})")
         return (f"epoch {self.epoch}/{self.cfg.epochs}  loss {rec['train_loss']:.4f}  {test}  "
                 f"f_nfe {rec['f_nfe']:.1f}  b_nfe {rec['b_nfe']:.1f}  residual "
-                f"{rec['residual']:.2e}  b_residual {rec['b_residual']:.2e}  {rec['seconds']:.1f}s"
-                + ("  (warm-up: unrolled)" if rec["pretraining"] else ""))
+                f"{_residual_text(rec['residual'])}  b_residual "
+                f"{_residual_text(rec['b_residual'])}  {rec['seconds']:.1f}s"
+                + ("  (warm-up: unrolled layers, no solver residuals)" if rec["pretraining"]
+                   else ""))
 
     def _save(self, epoch: int, batch: int, stats: EpochStats | None = None,
               seconds: float = 0.0) -> None:

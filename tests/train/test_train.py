@@ -624,3 +624,8 @@ def test_records_without_a_checkpoint_are_neither_overwritten_nor_resumed(digits
         assert train.main(argv) == 2
         assert f"--out {run!r} holds the epoch records of a run whose checkpoint.pt is missing" \
             in capsys.readouterr().err
+
+
+def test_epoch_line_shows_no_nan_residual_during_the_warm_up():
+    assert loop._residual_text(float("nan")) == "-"
+    assert loop._residual_text(3.3e-4) == "3.30e-04"
