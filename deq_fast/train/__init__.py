@@ -6,10 +6,13 @@ digits, matplotlib for the plots).
 
 With no arguments ``deq-fast train`` trains ``mdeq-digits`` on the handwritten digits that ship
 with scikit-learn (a held-out fifth of each class is the test set) and writes to
-``runs/<model>-<timestamp>`` (files: :mod:`deq_fast.train.loop`). ``--resume DIR`` continues
-exactly where the checkpoint stopped; options that define the run must match the checkpoint (a
-mismatch is refused with the difference named). ``--out`` refuses a directory that already holds
-a run. Multi-process: ``torchrun --nproc_per_node=N -m deq_fast.train ...``
+``runs/<model>-<timestamp>`` (files: :mod:`deq_fast.train.loop`) and ends with a summary (best
+and final result, wall time, the files). ``--resume DIR`` continues exactly where the checkpoint
+stopped; options that define the run must match the checkpoint (a mismatch is refused with the
+difference named); a finished run says so and how to extend it. ``--out`` refuses a directory that
+already holds a run. Ctrl-C before the first checkpoint leaves a directory that the same command
+reuses and ``--resume`` starts again from its ``config.json``. When ``deq_fast._C`` is missing, the
+run says so at its start. Multi-process: ``torchrun --nproc_per_node=N -m deq_fast.train ...``
 (DistributedDataParallel, gloo on CPU, NCCL on GPU; ``--batch_size`` is the global batch).
 Solver and gradient options keep TorchDEQ's names (``--f_solver --f_max_iter --f_tol
 --f_stop_mode --b_solver --b_max_iter --b_tol --b_stop_mode --ift --grad --jac_loss_weight``);
@@ -26,6 +29,7 @@ Modules, each one job (each imports only modules above it in this list):
 ``build``          the ``train`` extra check, data set, model, optimizer and schedule
 ``evaluation``     held-out evaluation during training and of a checkpoint
 ``plots``          ``curves.png`` and ``residuals.png`` (matplotlib imported lazily)
+``summary``        the summary printed at the end of a run
 ``loop``           :func:`run_training` and its :class:`~deq_fast.train.loop.Trainer`
 ``options``        the argument parsers of ``train`` and ``eval``
 ``cli``            the ``deq-fast`` console script and the commands' exit codes

@@ -13,13 +13,20 @@ import sys
 import time
 from typing import Any
 
-from deq_fast.train.checkpoint import CKPT_NAME, check_out_dir, load_checkpoint
+from deq_fast.train.checkpoint import (
+    CKPT_NAME,
+    CONFIG_NAME,
+    check_out_dir,
+    load_checkpoint,
+    read_run_config,
+)
 from deq_fast.train.config import NonFiniteLoss, TrainConfig, TrainingError, resolve_config, resume_config
-from deq_fast.train.distributed import shutdown
+from deq_fast.train.distributed import Ranks, shutdown
 from deq_fast.train.evaluation import evaluate_checkpoint
 from deq_fast.train.loop import run_training
 from deq_fast.train.options import build_eval_parser, build_parser
 from deq_fast.train.records import finite_or_none
+from deq_fast.train.summary import run_summary
 
 __all__ = ["main", "train_main", "eval_main"]
 
@@ -56,13 +63,21 @@ def _run_config(explicit: dict[str, Any]) -> tuple[TrainConfig, str, dict[str, A
     """Configuration, output directory and loaded checkpoint (or None) of a ``train`` command.
 
     ``--out`` defaults to ``runs/<model>-<timestamp>``, or to the resumed run's directory;
-    continuing a run elsewhere must not overwrite another run there.
+    continuing a run elsewhere must not overwrite another run there. ``--resume`` of a run
+    directory without a checkpoint (interrupted before its first one) starts that run again from
+    its ``config.json``.
     """
     if "resume" not in explicit:
         cfg = resolve_config(explicit)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         return cfg, explicit.get("out", os.path.join("runs", f"{cfg.model}-{stamp}")), None
     where = explicit["resume"]
+    unstarted = read_run_config(where)
+    if unstarted is not None:
+        if Ranks().main:
+            print(f"note: {where} has no checkpoint yet (interrupted before the first one); "
+                  f"starting that run from the beginning with its {CONFIG_NAME}", flush=True)
+        return resume_config(unstarted, explicit, where), explicit.get("out", where), None
     resume = load_checkpoint(where)
     cfg = resume_config(resume["config"], explicit, where)
     default_out = where if os.path.isdir(where) else os.path.dirname(os.path.abspath(where))
@@ -76,11 +91,28 @@ def _interrupted_note(out_dir: str | None, explicit: dict[str, Any]) -> str:
     """What Ctrl-C left behind, and how to continue."""
     if out_dir is not None and os.path.isfile(os.path.join(out_dir, CKPT_NAME)):
         return f"the last checkpoint is intact: continue with --resume {out_dir}"
+    if out_dir is not None and os.path.isfile(os.path.join(out_dir, CONFIG_NAME)):
+        return (f"no checkpoint was written yet to {out_dir}: start the run again with "
+                f"--resume {out_dir} (from the beginning, same configuration) or the same "
+                "command")
     if "resume" in explicit:
         return (f"no checkpoint was written to {out_dir or 'the output directory'}; the one "
                 f"resumed is unchanged: continue with --resume {explicit['resume']}")
-    return ("no checkpoint was written yet"
-            + (f" to {out_dir}" if out_dir is not None else "") + "; nothing to resume")
+    return "nothing was written yet: run the same command again"
+
+
+def _finished(cfg: TrainConfig, out_dir: str, resume: dict[str, Any]) -> bool:
+    """Whether the resumed run has already trained all its epochs; if so, say so, how to
+    extend it, and print its summary."""
+    if resume["epoch"] < cfg.epochs or resume["batch_in_epoch"]:
+        return False
+    if not Ranks().main:
+        return True
+    print(f"the run in {out_dir} is already finished ({resume['epoch']} of {cfg.epochs} epochs); "
+          f"to train it further pass a larger --epochs, e.g. --resume {out_dir} --epochs "
+          f"{resume['epoch'] + 10}")
+    print(run_summary(resume["metrics"], out_dir, resume["elapsed"], cfg.epochs))
+    return True
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -96,7 +128,8 @@ def train_main(argv: list[str] | None = None) -> int:
     out_dir = None
     try:
         cfg, out_dir, resume = _run_config(explicit)
-        run_training(cfg, out_dir, resume=resume)
+        if resume is None or not _finished(cfg, out_dir, resume):
+            run_training(cfg, out_dir, resume=resume)
     except TrainingError as exc:
         print(f"deq-fast train: error: {exc}", file=sys.stderr)
         return 3 if isinstance(exc, NonFiniteLoss) else 2

@@ -86,12 +86,19 @@ def evaluate(model: torch.nn.Module, data: VisionData | LMData, cfg: TrainConfig
     return out
 
 
+def _split_key(key: str, split: str) -> str:
+    """``key`` of :func:`evaluate`'s result named by the split it measured (``test_loss`` ->
+    ``valid_loss``)."""
+    return f"{split}_{key[len('test_'):]}" if key.startswith("test_") else key
+
+
 def evaluate_checkpoint(path: str, overrides: dict[str, Any] | None = None,
                         split: str = "test") -> dict[str, Any]:
     """Evaluate a checkpoint on a held-out split: the test split by default.
 
-    Training reports a language model's validation split each epoch (``test_loss``/``test_ppl``
-    in ``metrics.jsonl``); ``split="valid"`` reproduces those numbers. Vision data sets have only
+    Training reports a language model's validation split each epoch (as ``test_loss``/
+    ``test_ppl`` in ``metrics.jsonl``); ``split="valid"`` reproduces those numbers as
+    ``valid_loss``/``valid_ppl``. Vision data sets have only
     a test split.
 
     Args:
@@ -101,8 +108,9 @@ def evaluate_checkpoint(path: str, overrides: dict[str, Any] | None = None,
         split: ``"test"`` or ``"valid"`` (language models only).
 
     Returns:
-        dict with ``split``, ``test_acc`` (vision) or ``test_loss``/``test_ppl``/``unigram_loss``
-        (LM; measured on ``split``), ``test_f_nfe``, ``test_residual``, ``step``, ``epoch``.
+        dict with ``split``, ``test_acc`` (vision) or ``<split>_loss``/``<split>_ppl`` and
+        ``unigram_loss`` (LM: ``valid_loss`` for ``split="valid"``), ``<split>_f_nfe``,
+        ``<split>_residual``, ``step``, ``epoch``, ``model``, ``data``.
 
     Raises:
         TrainingError: a bad ``split``, an unknown option in ``overrides``, or a checkpoint,
@@ -114,7 +122,7 @@ def evaluate_checkpoint(path: str, overrides: dict[str, Any] | None = None,
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
         raise TrainingError(f"overrides {unknown}: not options of deq-fast train")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, arg="--ckpt")
     cfg = dataclasses.replace(TrainConfig.from_dict(ckpt["config"], path), **overrides)
     cfg.validate()
     if split != "test" and DATASETS[cfg.data][0] == "vision":
@@ -132,6 +140,7 @@ def evaluate_checkpoint(path: str, overrides: dict[str, Any] | None = None,
     out = evaluate(model, data, cfg, device, ranks, unrolled=ckpt["step"] <= cfg.pretrain_steps,
                    split=split)
     out.pop("test_residual_trace", None)
+    out = {_split_key(k, split): v for k, v in out.items()}
     if isinstance(data, LMData):
         out["unigram_loss"] = unigram_loss(data, split)
     out.update(split=split, step=ckpt["step"], epoch=ckpt["epoch"], model=cfg.model,

@@ -19,6 +19,7 @@ middle is recorded as a whole).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from deq_fast.data import LMData, VisionData, unigram_loss
+from deq_fast.ops.extension import extension_status
 from deq_fast.train.batches import epoch_batches, get_batch, steps_per_epoch
 from deq_fast.train.build import (
     build_run_model,
@@ -40,6 +42,7 @@ from deq_fast.train.build import (
 from deq_fast.train.checkpoint import (
     CKPT_FORMAT,
     CKPT_NAME,
+    CONFIG_NAME,
     check_out_dir,
     param_digest,
     rng_state,
@@ -60,6 +63,7 @@ from deq_fast.train.records import (
     solve_stats,
     write_jsonl,
 )
+from deq_fast.train.summary import run_summary
 
 __all__ = ["run_training", "Trainer", "compute_loss"]
 
@@ -84,6 +88,11 @@ def compute_loss(logits: torch.Tensor, target: torch.Tensor,
     """
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                            label_smoothing=label_smoothing)
+
+
+def _residual_text(value: float) -> str:
+    """An epoch's mean residual for the log line; ``-`` when no solve reported one (warm-up)."""
+    return f"{value:.2e}" if math.isfinite(value) else "-"
 
 
 def run_training(cfg: TrainConfig, out_dir: str, resume: dict[str, Any] | None = None,
@@ -202,7 +211,7 @@ class Trainer:
         out_dir = self.out_dir
         try:
             os.makedirs(out_dir, exist_ok=True)
-            atomic_write_bytes(os.path.join(out_dir, "config.json"),
+            atomic_write_bytes(os.path.join(out_dir, CONFIG_NAME),
                                json.dumps(self.cfg.to_dict(), indent=1, default=str).encode())
         except OSError as exc:
             raise TrainingError(f"--out {out_dir!r}: cannot create the output directory or write "
@@ -221,6 +230,9 @@ class Trainer:
                  f"({sum(p.numel() for p in self.params):,} parameters, {self.ranks.world} "
                  f"process(es), {self.threads} thread(s) each, device {self.device}, "
                  f"deq_impl {cfg.deq_impl}) -> {self.out_dir}")
+        ext_ok, ext_msg = extension_status()
+        if not ext_ok:
+            self.log(f"note: {ext_msg}")
         while self.epoch < cfg.epochs and self.stopped is None:
             self._run_epoch()
         result = dict(self.records[-1]) if self.records else {}
@@ -228,6 +240,7 @@ class Trainer:
             result["stopped_at_step"] = self.stopped
             self.log(f"stopped after step {self.stopped} (--max_steps); continue with --resume "
                      f"{self.out_dir}")
+        self.log(run_summary(self.records, self.out_dir, time.time() - self.t_start, cfg.epochs))
         return result
 
     def _start_epoch(self) -> tuple[EpochStats, float]:
@@ -386,7 +399,7 @@ class Trainer:
         self._save(self.epoch, 0)
         if self.ranks.main:
             write_jsonl(os.path.join(self.out_dir, "metrics.jsonl"), self.records)
-            plot_run(self.out_dir, self.records)
+            plot_run(self.out_dir, self.records, self.cfg)
             self.log(self._epoch_line(rec))
 
     def _epoch_line(self, rec: dict[str, Any]) -> str:
@@ -398,8 +411,10 @@ class Trainer:
                     f"unigram {self.unigram:.3f})")
         return (f"epoch {self.epoch}/{self.cfg.epochs}  loss {rec['train_loss']:.4f}  {test}  "
                 f"f_nfe {rec['f_nfe']:.1f}  b_nfe {rec['b_nfe']:.1f}  residual "
-                f"{rec['residual']:.2e}  b_residual {rec['b_residual']:.2e}  {rec['seconds']:.1f}s"
-                + ("  (warm-up: unrolled)" if rec["pretraining"] else ""))
+                f"{_residual_text(rec['residual'])}  b_residual "
+                f"{_residual_text(rec['b_residual'])}  {rec['seconds']:.1f}s"
+                + ("  (warm-up: unrolled layers, no solver residuals)" if rec["pretraining"]
+                   else ""))
 
     def _save(self, epoch: int, batch: int, stats: EpochStats | None = None,
               seconds: float = 0.0) -> None:

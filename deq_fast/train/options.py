@@ -1,14 +1,23 @@
 """The command-line options of ``deq-fast train`` and ``deq-fast eval``: their parsers and value
 checks. Every default of the train parser is ``SUPPRESS``, so the options given explicitly are
-known (:func:`~deq_fast.train.config.resolve_config` fills in the rest)."""
+known (:func:`~deq_fast.train.config.resolve_config` fills in the rest); the help of each option
+shows the default that applies, per model where the models differ (:func:`_show_defaults`)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Callable, TypeVar
 
 from deq_fast.data import DATASETS
 from deq_fast.models import DEQ_IMPLS, MODEL_CONFIGS
-from deq_fast.train.config import B_SOLVERS, MAX_CONSECUTIVE_NONFINITE, SOLVERS
+from deq_fast.train.config import (
+    B_SOLVERS,
+    DEFAULT_MODEL,
+    MAX_CONSECUTIVE_NONFINITE,
+    SOLVERS,
+    TrainConfig,
+    resolve_config,
+)
 from deq_fast.train.evaluation import EVAL_SPLITS
 
 __all__ = ["build_parser", "build_eval_parser"]
@@ -68,17 +77,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps_per_epoch", type=_positive(int))
     g.add_argument("--eval_batches", type=_nonneg(int), help="cap on evaluation batches, 0 = all")
     _add_solver_options(p.add_argument_group("solver and gradient (TorchDEQ names)"))
+    _show_defaults(p)
     return p
+
+
+def _default_text(name: str) -> str | None:
+    """The default of config field ``name`` as help text: one value, or one per model when the
+    models' training configurations differ (None: not a configuration field)."""
+    if name not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        return None
+    per_model = {m: getattr(resolve_config({"model": m}), name) for m in MODEL_CONFIGS}
+    shown = {m: "none" if v is None else str(v) for m, v in per_model.items()}
+    if len(set(shown.values())) == 1:
+        return f"default: {next(iter(shown.values()))}"
+    return "default per --model: " + ", ".join(f"{m} {v}" for m, v in shown.items())
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append the default that applies to the help of every option that has one."""
+    for action in parser._actions:
+        text = _default_text(action.dest)
+        if text is not None and "default" not in (action.help or ""):
+            action.help = f"{action.help} ({text})" if action.help else text
 
 
 def _add_run_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--model", choices=sorted(MODEL_CONFIGS), help="model configuration "
-                   "(default mdeq-digits)")
-    g.add_argument("--data", choices=sorted(DATASETS), help="data set (default: the model's)")
+                   f"(default: {DEFAULT_MODEL})")
+    g.add_argument("--data", choices=sorted(DATASETS), help="data set")
     g.add_argument("--data_dir", help="directory of the files for cifar10 / wikitext103")
     g.add_argument("--out", help="output directory (default runs/<model>-<timestamp>); a "
                    "directory that already holds a run is refused (continue it with --resume)")
-    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR (or a checkpoint file)")
+    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR (or its checkpoint "
+                   "file); a run interrupted before its first checkpoint starts again from its "
+                   "config.json (default: none, a new run)")
     g.add_argument("--epochs", type=_positive(int))
     g.add_argument("--batch_size", type=_positive(int), help="global batch size")
     g.add_argument("--lr", type=_positive(float))
@@ -145,6 +177,10 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--batch_size", type=_positive(int))
     p.add_argument("--bf16", type=_bool, nargs="?", const=True)
-    p.add_argument("--eval_batches", type=_nonneg(int))
+    p.add_argument("--eval_batches", type=_nonneg(int), help="cap on evaluation batches, 0 = all")
     _add_forward_solver_options(p)
+    for action in p._actions:
+        if action.dest not in ("help", "ckpt", "split"):
+            action.help = f"{action.help} (default: the run's)" if action.help else \
+                "default: the run's"
     return p

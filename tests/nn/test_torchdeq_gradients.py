@@ -126,8 +126,10 @@ def test_non_converged_backward_warns_with_count_and_best_iterate():
                            b_solver="fixed_point_iter")
     z_out, info = deq(lambda z: z @ W.T, torch.randn(2, d, dtype=torch.float64))
     with pytest.warns(deq_fast.BackwardNotConverged, match=r"for 2 of 2 samples \(worst "
-                                                           r"relative residual [0-9.e+]+\)"):
+                                                           r"relative residual [0-9.e+]+\)") as rec:
         z_out[-1].sum().backward()
+    advice = str(rec[0].message)                        # says what to do about it
+    assert "raise b_max_iter or b_tol" in advice and "grad_mode='phantom'" in advice
     assert not info["b_converged"].any()
     assert (info["b_rel_residual"] != 1.0).all()
     assert W.grad is not None and W.grad.abs().sum() > 0

@@ -124,7 +124,7 @@ def test_resume_refuses_an_incompatible_configuration(digits_run, tmp_path, caps
     with open(path, "wb") as fh:
         fh.write(raw[: len(raw) // 3])
     assert train.main(["--resume", run]) == 2
-    assert "corrupt or truncated" in capsys.readouterr().err
+    assert f"--resume {path!r} is corrupt or truncated" in capsys.readouterr().err
 
 
 def test_config_precedence_and_stored_configurations_are_checked(digits_run):
@@ -183,7 +183,8 @@ def test_gmres_backward_trains(tmp_path):
     (["--data", "cifar10", "--data_dir", "/nonexistent/cifar"], "'/nonexistent/cifar' does not "
                                                                  "exist"),
     (["--model", "deq-lm-small", "--data", "digits"], "needs data among"),
-    (["--resume", "/nonexistent/run"], "no checkpoint at"),
+    (["--resume", "/nonexistent/run"], "--resume '/nonexistent/run' does not exist; expected a "
+                                       "run directory of deq-fast train or its checkpoint.pt"),
     (["--deq_impl", "torchdeq", "--b_solver", "gmres"], "is a deq_fast backward solver"),
 ], ids=["no-dir", "missing-dir", "kind", "resume", "gmres-on-torchdeq"])
 def test_bad_data_or_checkpoint_is_named(argv, match, capsys, tmp_path):
@@ -263,21 +264,70 @@ def test_skip_stops_after_too_many_consecutive_nonfinite_steps(tmp_path, monkeyp
     assert calls["n"] == 6                                      # nothing ran after the stop
 
 
+def _interrupt_at(monkeypatch, name, call):
+    """Ctrl-C, deterministically: ``loop.<name>`` raises KeyboardInterrupt on its ``call``-th
+    call (``compute_loss``: once per training step)."""
+    real = getattr(loop, name)
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt()
+        return real(*args, **kwargs)
+    monkeypatch.setattr(loop, name, interrupted)
+
+
+# Where Ctrl-C lands (6 steps per epoch, 2 epochs), what is on disk then, and how to continue.
+INTERRUPTS = {
+    "step-2-rerun": ("compute_loss", 2, [], "same"),            # before the first checkpoint
+    "first-evaluation-resume": ("evaluate", 1, [], "resume"),   # all of epoch 1's steps logged
+    "after-mid-epoch-checkpoint": ("compute_loss", 5, ["--ckpt_every", "2"], "resume"),
+    "plots-of-epoch-1": ("plot_run", 1, [], "resume"),          # checkpoint of epoch 1 written
+}
+
+
 @pytest.mark.slow
-def test_interrupt_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
-    _nan_at(5, monkeypatch, exc=KeyboardInterrupt())
-    out = str(tmp_path / "int")
-    assert train.main(FAST + ["--epochs", "1", "--ckpt_every", "2", "--out", out]) == 130
+@pytest.mark.parametrize("where", list(INTERRUPTS))
+def test_interrupt_anywhere_then_rerun_or_resume_ends_like_the_uninterrupted_run(
+        where, digits_run, tmp_path, monkeypatch, capsys):
+    name, call, extra, how = INTERRUPTS[where]
+    out = str(tmp_path / "run")
+    command = FAST + ["--epochs", "2", "--out", out] + extra
+    _interrupt_at(monkeypatch, name, call)
+    assert train.main(command) == 130
     err = capsys.readouterr().err
-    assert f"interrupted; the last checkpoint is intact: continue with --resume {out}\n" in err
-    ckpt = load_checkpoint(out)
-    assert ckpt["step"] == 4 and ckpt["batch_in_epoch"] == 4
-    _nan_at(1, monkeypatch, exc=KeyboardInterrupt())
-    early = str(tmp_path / "early")
-    assert train.main(FAST + ["--epochs", "1", "--out", early]) == 130
-    err = capsys.readouterr().err
-    assert f"interrupted; no checkpoint was written yet to {early}; nothing to resume" in err
-    assert "--resume" not in err and not os.path.exists(os.path.join(early, CKPT_NAME))
+    if os.path.isfile(os.path.join(out, CKPT_NAME)):
+        assert f"interrupted; the last checkpoint is intact: continue with --resume {out}\n" \
+            in err
+        assert train.main(command) == 2                          # the run is not overwritten
+        assert f"--out {out!r} already holds a run" in capsys.readouterr().err
+    else:
+        assert f"interrupted; no checkpoint was written yet to {out}: start the run again with " \
+            f"--resume {out} (from the beginning, same configuration) or the same command" in err
+    monkeypatch.undo()
+    assert train.main(command if how == "same" else ["--resume", out]) == 0
+    summary = capsys.readouterr().out
+    assert "summary: 2/2 epochs" in summary and f"files in {out}: checkpoint checkpoint.pt" \
+        in summary
+    want, got = (_jsonl(os.path.join(d, "metrics.jsonl")) for d in (digits_run, out))
+    assert [r["epoch"] for r in got] == [1, 2]
+    for a, b in zip(want, got):
+        assert b["test_acc"] == a["test_acc"]
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
+    want, got = (_jsonl(os.path.join(d, "steps.jsonl")) for d in (digits_run, out))
+    assert [s["step"] for s in got] == list(range(1, 13))
+    assert [s["loss"] for s in got] == pytest.approx([s["loss"] for s in want], rel=1e-6)
+
+
+def test_interrupt_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loop.Trainer, "_prepare_out_dir",
+                        lambda self, resumed: (_ for _ in ()).throw(KeyboardInterrupt()))
+    out = str(tmp_path / "never")
+    assert train.main(FAST + ["--out", out]) == 130
+    assert "interrupted; nothing was written yet: run the same command again" \
+        in capsys.readouterr().err
+    assert not os.path.exists(out)
 
 
 @pytest.mark.parametrize("fail", ["fsync", "replace"])
@@ -369,7 +419,9 @@ def test_eval_of_a_language_model_reports_the_test_split(tmp_path, capsys):
     data = load_wikitext103(root)
     assert results["test"]["unigram_loss"] == pytest.approx(unigram_loss(data, "test"))
     assert results["valid"]["unigram_loss"] == pytest.approx(rec["unigram_loss"])
-    assert results["valid"]["test_loss"] == pytest.approx(rec["test_loss"], rel=1e-6)
+    # keys named by the split measured: the valid split reproduces the epoch's record
+    assert "test_loss" not in results["valid"] and "valid_ppl" in results["valid"]
+    assert results["valid"]["valid_loss"] == pytest.approx(rec["test_loss"], rel=1e-6)
     assert results["test"]["test_loss"] != pytest.approx(rec["test_loss"], rel=1e-3)
 
 
@@ -466,3 +518,114 @@ def test_mdeq_tiny_on_cifar10_files(tmp_path):
                        "--out", out]) == 0
     rec = _jsonl(os.path.join(out, "metrics.jsonl"))[0]
     assert rec["step"] == 3 and 0.0 <= rec["test_acc"] <= 1.0 and rec["f_nfe"] > 0
+
+
+def test_every_option_shows_its_default_or_the_rule_per_model():
+    for parser in (train.build_parser(), cli.build_eval_parser()):
+        for action in parser._actions:
+            if action.dest not in ("help", "ckpt"):
+                assert "default" in (action.help or ""), (parser.prog, action.dest)
+    help_text = " ".join(train.build_parser().format_help().split())
+    epochs = {m: get_config(m)["train"]["epochs"] for m in ("mdeq-digits", "deq-lm-small")}
+    assert f"mdeq-digits {epochs['mdeq-digits']}," in help_text
+    assert f"deq-lm-small {epochs['deq-lm-small']}" in help_text
+    assert "--seed SEED default: 0" in help_text and "(default: mdeq-digits)" in help_text
+
+
+def test_resuming_a_finished_run_says_so_and_how_to_extend_it(digits_run, capsys, monkeypatch):
+    monkeypatch.setattr(loop, "run_training", None)             # calling it would fail
+    assert train.main(["--resume", digits_run]) == 0
+    out = capsys.readouterr().out
+    assert f"the run in {digits_run} is already finished (2 of 2 epochs); to train it further " \
+        f"pass a larger --epochs, e.g. --resume {digits_run} --epochs 12" in out
+    final = _jsonl(os.path.join(digits_run, "metrics.jsonl"))[-1]
+    assert "summary: 2/2 epochs" in out
+    assert f"test accuracy: final {100 * final['test_acc']:.2f}% (epoch 2)" in out
+
+
+def test_summary_names_best_and_final_results_and_the_files(tmp_path):
+    from deq_fast.train.summary import run_summary
+    (tmp_path / CKPT_NAME).write_bytes(b"x")
+    (tmp_path / "curves.png").write_bytes(b"x")
+    vision = [{"epoch": 1, "test_acc": 0.5}, {"epoch": 2, "test_acc": 0.9},
+              {"epoch": 3, "test_acc": 0.8}]
+    text = run_summary(vision, str(tmp_path), 61.25, 5)
+    assert text.splitlines() == [
+        "summary: 3/5 epochs, wall time 61.2 s",
+        "  test accuracy: final 80.00% (epoch 3), best 90.00% (epoch 2)",
+        f"  files in {tmp_path}: checkpoint checkpoint.pt; plots curves.png"]
+    lm = [{"epoch": 1, "test_loss": 2.0, "test_ppl": math.exp(2.0)},
+          {"epoch": 2, "test_loss": None, "test_ppl": None}]
+    assert "validation loss: final not finite (epoch 2), best 2.0000, perplexity 7.39 " \
+        "(epoch 1)" in run_summary(lm, str(tmp_path), 1.0, 2)
+    assert "no epoch finished yet" in run_summary([], str(tmp_path), 0.0, 2)
+
+
+def test_wrong_files_given_to_resume_are_named(digits_run, tmp_path, capsys):
+    import collections
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not a checkpoint")
+    state_dict = str(tmp_path / "weights.pt")
+    torch.save({"w": torch.zeros(2)}, state_dict)
+    pickled = str(tmp_path / "object.pt")
+    torch.save(collections.OrderedDict(w=torch.nn.Linear(2, 2)), pickled)   # a module: pickle
+    config = os.path.join(digits_run, "config.json")
+    expected = "expected a run directory of deq-fast train or its checkpoint.pt"
+    for path, what in [
+            (config, f"is a run's configuration, not its checkpoint; pass the run directory: "
+                     f"--resume {digits_run}"),
+            (str(junk), f"is corrupt or truncated, or not a PyTorch file; {expected}"),
+            (state_dict, "is a PyTorch file but not a checkpoint of deq-fast train (no format "),
+            (pickled, "is a PyTorch file that is not a checkpoint of deq-fast train (it holds "
+                      "Python objects other than tensors"),
+            (str(tmp_path), f"no checkpoint.pt in this directory; {expected}")]:
+        assert train.main(["--resume", path]) == 2
+        err = capsys.readouterr().err
+        assert f"--resume {path!r}" in err and what in err and "weights_only" not in err, err
+    assert train.eval_main(["--ckpt", str(junk)]) == 2
+    assert f"--ckpt {str(junk)!r} is corrupt" in capsys.readouterr().err
+
+
+def test_missing_extension_is_reported_when_training_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loop, "extension_status", lambda: (False, "deq_fast._C not built (x)"))
+    assert train.main(FAST + ["--max_steps", "1", "--out", str(tmp_path / "o")]) == 0
+    assert "note: deq_fast._C not built (x)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_real_ctrl_c_in_the_first_epoch_then_the_same_command_works(tmp_path):
+    """SIGINT to a real ``python -m deq_fast.train`` once it prints its first line (the run
+    directory exists, no checkpoint yet): exit 130 with the way to continue, and the same command
+    then trains the run to its end."""
+    import signal
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "deq_fast.train"] + FAST + ["--epochs", "1", "--out", out]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    first = proc.stdout.readline()
+    assert first.startswith("training mdeq-digits"), first
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted; " in err and "Traceback" not in err
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "summary: 1/1 epochs" in r.stdout
+    assert load_checkpoint(out)["epoch"] == 1
+
+
+def test_records_without_a_checkpoint_are_neither_overwritten_nor_resumed(digits_run, tmp_path,
+                                                                         capsys):
+    run = str(tmp_path / "lost")
+    shutil.copytree(digits_run, run)
+    os.remove(os.path.join(run, CKPT_NAME))
+    for argv in (FAST + ["--out", run], ["--resume", run]):
+        assert train.main(argv) == 2
+        assert f"--out {run!r} holds the epoch records of a run whose checkpoint.pt is missing" \
+            in capsys.readouterr().err
+
+
+def test_epoch_line_shows_no_nan_residual_during_the_warm_up():
+    assert loop._residual_text(float("nan")) == "-"
+    assert loop._residual_text(3.3e-4) == "3.30e-04"
