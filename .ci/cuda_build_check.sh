@@ -5,9 +5,13 @@
 #   1. create or reuse a venv with a CUDA build of torch (torch==2.14.1 = CUDA 13.0, matching the
 #      machine's nvcc 13.0; ~5.4 GB from local disk) at ${DEQ_FAST_CUDA_VENV:-~/.cache/deq_fast/venv-cuda};
 #   2. build deq_fast._C with csrc/**/*.cpp + csrc/**/*.cu (csrc/cuda/) (CUDA_HOME=/usr/local/cuda,
-#      TORCH_CUDA_ARCH_LIST="8.0;9.0": without them the build fails where no GPU is visible) from a
-#      temporary copy of the sources, so neither the work tree nor the CPU venv's install is touched;
-#   3. import deq_fast._C there and assert that every deq_fast:: op has a CUDA kernel
+#      TORCH_CUDA_ARCH_LIST defaults to setup.py CUDA_ARCH_LIST "8.0;9.0+PTX": without them the build fails where no
+#      GPU is visible) from a temporary copy of the sources, so neither the work tree nor the CPU
+#      venv's install is touched; ptxas reports every kernel's resources (NVCC_APPEND_FLAGS);
+#   3. assert from the build log that no CUDA kernel spills registers (ptxas: 0 bytes spill stores
+#      and loads, every kernel, every arch), and that the built .so embeds PTX (cuobjdump
+#      --list-ptx), so GPUs newer than sm_90 JIT from it;
+#   4. import deq_fast._C there and assert that every deq_fast:: op has a CUDA kernel
 #      (a direct CUDA registration; a CompositeImplicit/Explicit op is accepted and marked). Only
 #      the ops whose schema deq_fast._C declares (csrc/ops.cpp) are checked: the forward solver ops
 #      are declared by the Python op table, and their CUDA kernels are the Triton launchers.
@@ -22,7 +26,7 @@ VENV=${DEQ_FAST_CUDA_VENV:-$HOME/.cache/deq_fast/venv-cuda}
 TORCH_SPEC=${DEQ_FAST_CUDA_TORCH:-torch==2.14.1}
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
+export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -Xptxas -v"
 export MAX_JOBS=${MAX_JOBS:-2}
 export PATH="$CUDA_HOME/bin:$PATH"
 
@@ -58,6 +62,24 @@ if ! DEQ_FAST_FORCE_CUDA=1 "$VENV/bin/pip" install -v --no-build-isolation --no-
   exit 1
 fi
 t2=$(date +%s)
+
+# ptxas resources: one "Used N registers" line per kernel and arch, each after its spill line
+n_kernels=$(grep -c "ptxas info    : Used [0-9]* registers" "$WORK/build.log" || true)
+spills=$(grep "bytes spill stores" "$WORK/build.log" | grep -v " 0 bytes spill stores, 0 bytes spill loads" || true)
+if [ "$n_kernels" -eq 0 ]; then
+  echo "cuda_build_check: FAIL: no ptxas resource report in the build log" >&2; exit 1
+fi
+if [ -n "$spills" ]; then
+  echo "$spills" >&2
+  echo "cuda_build_check: FAIL: CUDA kernels spill registers" >&2; exit 1
+fi
+max_regs=$(grep -o "Used [0-9]* registers" "$WORK/build.log" | awk '{print $2}' | sort -n | tail -1)
+so=$(find "$VENV/lib" -path "*deq_fast/_C*.so" | head -1)
+n_ptx=$("$CUDA_HOME/bin/cuobjdump" --list-ptx "$so" 2>/dev/null | grep -c "sm_90" || true)
+if [ "$n_ptx" -eq 0 ]; then
+  echo "cuda_build_check: FAIL: $so embeds no sm_90 PTX (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-setup.py CUDA_ARCH_LIST})" >&2
+  exit 1
+fi
 
 cd "$WORK"   # import the installed package, not a source tree
 rc=0
@@ -96,5 +118,5 @@ print(f"OK: {len(ops)} deq_fast ops, all with CUDA kernels{note} [torch {torch._
 EOF
 ) || rc=$?
 t3=$(date +%s)
-echo "cuda_build_check: $summary; $n_cu .cu files; sm_80+sm_90; venv $((t1 - t0))s, build $((t2 - t1))s, check $((t3 - t2))s"
+echo "cuda_build_check: $summary; $n_cu .cu files; arch ${TORCH_CUDA_ARCH_LIST:-setup.py CUDA_ARCH_LIST}; $n_kernels kernel compiles, 0 spills, max $max_regs registers; $n_ptx PTX files; venv $((t1 - t0))s, build $((t2 - t1))s, check $((t3 - t2))s"
 exit $rc
