@@ -11,7 +11,9 @@
 //     at most kMaxChunks chunks;
 //   * loads and stores are 16-byte vectors (float4 / double2) when the rows are 16-byte aligned
 //     (D a multiple of the vector width and aligned base pointers), scalar otherwise; the thread
-//     loop is unrolled twice;
+//     loop is unrolled twice (once in the dots kernels), single sums have one accumulator per
+//     vector lane, history dots one per column; loops over a runtime number of columns four times (kColumnUnroll:
+//     the loads of four columns are in flight together);
 //   * a reduction over D is two-level and deterministic: each block writes the partial sums of its
 //     chunk to a scratch buffer [B, chunks, values]; a finalise kernel (one block of
 //     kFinaliseThreads threads per sample) adds them in chunk order and runs the per-sample small
@@ -51,10 +53,14 @@ using at::Tensor;
 constexpr int kThreads = 256;             // threads per block of every pass over D
 constexpr int kBlocksPerSm = 8;           // resident blocks per SM the grid aims at (64 warps)
 constexpr int kMinVecsPerThread = 4;      // vectors per thread and chunk, at least
-constexpr int kMaxChunks = 1024;          // chunks per sample, at most
-constexpr int kColsPerBlock = 16;         // history columns per block of a dots pass
-constexpr int kBroydenColsPerBlock = 8;   // Broyden: three dots per column
+constexpr int kMaxChunks = 4096;          // chunks per sample, at most
+constexpr int kColsPerBlock = 12;         // history columns per block of a dots pass
+constexpr int kBroydenColsPerBlock = 6;   // Broyden: three dots per column
 constexpr int kFinaliseThreads = 64;      // threads per block of the per-sample finalise kernels
+constexpr int kColumnUnroll = 4;          // the `#pragma unroll 4` of the column loops
+constexpr int kDotsMinBlocks = 2;         // resident blocks per SM the dots kernels are compiled for
+constexpr int kVecUnroll = 2;             // unrolling of the loops over a chunk's vectors
+constexpr int kVecUnrollDots = 1;         // ... in the dots kernels
 constexpr int kWarps = kThreads / 32;
 
 // Per-sample coefficients between the passes of one op (float64 [B, kCoefStride]).
@@ -115,10 +121,12 @@ __device__ __forceinline__ Tile tile_of(const Split& sp) {
 }
 
 // f(e, len) for every vector of the block's chunk: e = first element, len = elements (tail < n).
-template <typename T, typename F>
+// Unrolled twice (kVecUnroll), or not at all for the dots kernels (kVecUnrollDots), whose
+// unrolled column loops already keep kColsPerBlock loads in flight.
+template <typename T, int Unroll = kVecUnroll, typename F>
 __device__ __forceinline__ void for_each_vec(const Tile& t, int64_t D, F&& f) {
   constexpr int V = Vec<T>::n;
-#pragma unroll 2
+#pragma unroll Unroll
   for (int64_t i = t.begin + threadIdx.x; i < t.end; i += kThreads) {
     const int64_t e = i * V;
     f(e, (int)std::min<int64_t>(V, D - e));
@@ -145,6 +153,16 @@ __device__ void write_block_sums(const double (&acc)[NV], int nv, double* out) {
   }
 }
 
+// Sum of the per-lane partial sums of one thread (independent accumulators, one per vector
+// lane, so that consecutive additions do not wait on each other).
+template <int N>
+__device__ __forceinline__ double lanes_sum(const double (&lanes)[N]) {
+  double s = 0.0;
+#pragma unroll
+  for (int i = 0; i < N; ++i) s += lanes[i];
+  return s;
+}
+
 // Finalise side: tot[v] = sum over the chunks of sample b (in chunk order) of value v, v < nv;
 // part is [B, chunks, nv]. Ends with a barrier.
 __device__ void sum_chunks(const double* part, int64_t b, int chunks, int nv, double* tot) {
@@ -167,12 +185,13 @@ __global__ void __launch_bounds__(kThreads) sumsq_kernel(const T* __restrict__ s
   const Tile t = tile_of(sp);
   if (!go[t.b]) return;
   const T* s = src + t.b * D;
-  double acc[1] = {0.0};
+  double lanes[Vec<T>::n] = {};
   for_each_vec<T>(t, D, [&](int64_t e, int len) {
     const Vec<T> a = vload(s + e, len, sp.vec);
 #pragma unroll
-    for (int i = 0; i < Vec<T>::n; ++i) acc[0] += (double)a.v[i] * (double)a.v[i];
+    for (int i = 0; i < Vec<T>::n; ++i) lanes[i] += (double)a.v[i] * (double)a.v[i];
   });
+  const double acc[1] = {lanes_sum(lanes)};
   write_block_sums(acc, 1, part + blockIdx.x);
 }
 
@@ -215,6 +234,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(T* __restrict__ x,
     const Vec<T> x0 = vload(x + o + e, len, sp.vec);
 #pragma unroll
     for (int i = 0; i < Vec<T>::n; ++i) acc[i] = add_x ? (double)x0.v[i] : 0.0;
+    #pragma unroll kColumnUnroll
     for (int c = 0; c < nc; ++c) {
       const Vec<T> q = vload(hist + c * hs + o + e, len, sp.vec);
 #pragma unroll
@@ -236,7 +256,7 @@ __global__ void __launch_bounds__(kThreads) track_residual_kernel(
   const Tile t = tile_of(sp);
   if (!active[t.b]) return;
   const int64_t o = t.b * D;
-  double acc[1] = {0.0};
+  double lanes[Vec<T>::n] = {};
   for_each_vec<T>(t, D, [&](int64_t e, int len) {
     const Vec<T> a = vload(x + o + e, len, sp.vec), j = vload(jtx + o + e, len, sp.vec),
                  g = vload(grad + o + e, len, sp.vec);
@@ -244,10 +264,11 @@ __global__ void __launch_bounds__(kThreads) track_residual_kernel(
 #pragma unroll
     for (int i = 0; i < Vec<T>::n; ++i) {
       v.v[i] = g.v[i] + j.v[i] - a.v[i];
-      acc[0] += (double)v.v[i] * (double)v.v[i];
+      lanes[i] += (double)v.v[i] * (double)v.v[i];
     }
     vstore(r + o + e, v, len, sp.vec);
   });
+  const double acc[1] = {lanes_sum(lanes)};
   write_block_sums(acc, 1, part + blockIdx.x);
 }
 
@@ -307,7 +328,7 @@ __global__ void __launch_bounds__(kThreads) masked_add_kernel(T* __restrict__ x,
 // F[slot] = x + r, G[slot] = r (group 0), and <G_i, r> for the group's columns i < n (G[slot]
 // read as r: it is being written). Partials [B, chunks, n].
 template <typename T>
-__global__ void __launch_bounds__(kThreads) anderson_dots_kernel(
+__global__ void __launch_bounds__(kThreads, kDotsMinBlocks) anderson_dots_kernel(
     const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ F, T* __restrict__ G,
     const bool* __restrict__ active, double* __restrict__ part, Split sp, int64_t B, int64_t D,
     int slot, int n) {
@@ -316,7 +337,7 @@ __global__ void __launch_bounds__(kThreads) anderson_dots_kernel(
   const int64_t o = t.b * D, hs = B * D;
   const int c0 = t.group * kColsPerBlock, nc = min(kColsPerBlock, n - c0);
   double acc[kColsPerBlock] = {};
-  for_each_vec<T>(t, D, [&](int64_t e, int len) {
+  for_each_vec<T, kVecUnrollDots>(t, D, [&](int64_t e, int len) {
     const Vec<T> rv = vload(r + o + e, len, sp.vec);
     if (t.group == 0) {
       Vec<T> f = vload(x + o + e, len, sp.vec);
@@ -364,7 +385,7 @@ __global__ void anderson_solve_kernel(const double* __restrict__ part, int chunk
 // Partials [B, chunks, 3 n]: a_l = <U_l, dx>, bc_l = <V_l, r>, e_l = <V_l, r - r_prev> for the
 // group's columns l < n, l != slot (a and e only when updating).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) broyden_dots_kernel(
+__global__ void __launch_bounds__(kThreads, kDotsMinBlocks) broyden_dots_kernel(
     const T* __restrict__ r, const T* __restrict__ pp, const T* __restrict__ dp,
     const T* __restrict__ U, const T* __restrict__ V, const bool* __restrict__ active,
     double* __restrict__ part, Split sp, int64_t B, int64_t D, int n, int slot) {
@@ -375,7 +396,7 @@ __global__ void __launch_bounds__(kThreads) broyden_dots_kernel(
   const bool update = slot >= 0;
   const int c0 = t.group * NC, nc = min(NC, n - c0);
   double acc[3 * NC] = {};  // a, bc, e of the group's columns
-  for_each_vec<T>(t, D, [&](int64_t e, int len) {
+  for_each_vec<T, kVecUnrollDots>(t, D, [&](int64_t e, int len) {
     const Vec<T> rv = vload(r + o + e, len, sp.vec);
     Vec<T> pv, dv;
     if (update) {
@@ -442,6 +463,7 @@ __global__ void __launch_bounds__(kThreads) broyden_v_kernel(
     double v[Vec<T>::n];
 #pragma unroll
     for (int i = 0; i < Vec<T>::n; ++i) v[i] = -(double)dv.v[i];
+    #pragma unroll kColumnUnroll
     for (int l = 0; l < n; ++l) {
       if (l == slot) continue;
       const Vec<T> vl = vload(V + l * hs + o + e, len, sp.vec);
@@ -504,6 +526,7 @@ __global__ void __launch_bounds__(kThreads) broyden_u_kernel(
       hr[i] = -(double)rv.v[i];
       hd[i] = (double)pv.v[i] - (double)rv.v[i];
     }
+    #pragma unroll kColumnUnroll
     for (int l = 0; l < n; ++l) {
       if (l == slot) continue;
       const Vec<T> ul = vload(U + l * hs + o + e, len, sp.vec);
@@ -558,7 +581,7 @@ __global__ void gmres_start_kernel(const double* __restrict__ part, int chunks,
 // Arnoldi, CGS2 pass 1: w = q_j - J^T q_j (state dtype, never stored); partials [B, chunks, j + 2]
 // of h_c = <w, q_c> (c <= j, the group's columns) and ||w||^2 (group 0, value j + 1).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) arnoldi_dots_kernel(
+__global__ void __launch_bounds__(kThreads, kDotsMinBlocks) arnoldi_dots_kernel(
     const T* __restrict__ jtq, const T* __restrict__ Q, const bool* __restrict__ cyc,
     double* __restrict__ part, Split sp, int64_t B, int64_t D, int j) {
   const Tile t = tile_of(sp);
@@ -566,7 +589,7 @@ __global__ void __launch_bounds__(kThreads) arnoldi_dots_kernel(
   const int64_t o = t.b * D, hs = B * D;
   const int nv = j + 2, c0 = t.group * kColsPerBlock, nc = min(kColsPerBlock, j + 1 - c0);
   double acc[kColsPerBlock + 1] = {};
-  for_each_vec<T>(t, D, [&](int64_t e, int len) {
+  for_each_vec<T, kVecUnrollDots>(t, D, [&](int64_t e, int len) {
     const Vec<T> qj = vload(Q + j * hs + o + e, len, sp.vec), jv = vload(jtq + o + e, len, sp.vec);
     Vec<T> w;
 #pragma unroll
@@ -608,6 +631,7 @@ __device__ __forceinline__ void cgs2_first(const T* jtq, const T* Q, const doubl
   const Vec<T> qj = vload(Q + j * hs + o + e, len, vec), jv = vload(jtq + o + e, len, vec);
 #pragma unroll
   for (int i = 0; i < Vec<T>::n; ++i) w1[i] = (double)(T)(qj.v[i] - jv.v[i]);
+  #pragma unroll kColumnUnroll
   for (int c = 0; c <= j; ++c) {
     const Vec<T> q = vload(Q + c * hs + o + e, len, vec);
 #pragma unroll
@@ -617,7 +641,7 @@ __device__ __forceinline__ void cgs2_first(const T* jtq, const T* Q, const doubl
 
 // CGS2 pass 2: partials [B, chunks, j + 1] of h2_c = <w1, q_c> (the group's columns).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) arnoldi_redots_kernel(
+__global__ void __launch_bounds__(kThreads, kDotsMinBlocks) arnoldi_redots_kernel(
     const T* __restrict__ jtq, const T* __restrict__ Q, const bool* __restrict__ cyc,
     const double* __restrict__ coef, double* __restrict__ part, Split sp, int64_t B, int64_t D,
     int j) {
@@ -629,7 +653,7 @@ __global__ void __launch_bounds__(kThreads) arnoldi_redots_kernel(
   const int64_t o = t.b * D, hs = B * D;
   const int c0 = t.group * kColsPerBlock, nc = min(kColsPerBlock, j + 1 - c0);
   double acc[kColsPerBlock] = {};
-  for_each_vec<T>(t, D, [&](int64_t e, int len) {
+  for_each_vec<T, kVecUnrollDots>(t, D, [&](int64_t e, int len) {
     double w1[Vec<T>::n];
     cgs2_first(jtq, Q, h_s, o, hs, e, len, sp.vec, j, w1);
 #pragma unroll
@@ -659,10 +683,11 @@ __global__ void __launch_bounds__(kThreads) arnoldi_project_kernel(
   }
   __syncthreads();
   const int64_t o = t.b * D, hs = B * D;
-  double acc[1] = {0.0};
+  double lanes[Vec<T>::n] = {};
   for_each_vec<T>(t, D, [&](int64_t e, int len) {
     double w[Vec<T>::n];
     cgs2_first(jtq, Q, h_s, o, hs, e, len, sp.vec, j, w);
+    #pragma unroll kColumnUnroll
     for (int c = 0; c <= j; ++c) {
       const Vec<T> q = vload(Q + c * hs + o + e, len, sp.vec);
 #pragma unroll
@@ -672,10 +697,11 @@ __global__ void __launch_bounds__(kThreads) arnoldi_project_kernel(
 #pragma unroll
     for (int i = 0; i < Vec<T>::n; ++i) {
       out.v[i] = (T)w[i];
-      if (i < len) acc[0] += (double)out.v[i] * (double)out.v[i];
+      lanes[i] += (double)out.v[i] * (double)out.v[i];  // zero beyond len
     }
     vstore(Q + (j + 1) * hs + o + e, out, len, sp.vec);
   });
+  const double acc[1] = {lanes_sum(lanes)};
   write_block_sums(acc, 1, part + blockIdx.x);
 }
 
@@ -761,7 +787,7 @@ Tensor scratch(const Tensor& like, int64_t n) { return at::empty({n}, like.optio
 #define DEQ_FAST_LAUNCH_SETUP(t)                \
   const c10::cuda::CUDAGuard guard(t.device()); \
   const int64_t B = t.size(0), D = t.size(1);   \
-  if (B == 0 || D == 0) return;                 \
+  if (B == 0) return;                           \
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
 #define DEQ_FAST_CHECK_LAUNCH() C10_CUDA_KERNEL_LAUNCH_CHECK()
@@ -841,7 +867,7 @@ void bwd_broyden_step_cuda(const Tensor& x, const Tensor& r, const Tensor& r_pre
     using T = scalar_t;
     const std::initializer_list<const void*> ptrs = {x.data_ptr(), r.data_ptr(), r_prev.data_ptr(),
                                                      dx.data_ptr(), U.data_ptr(), V.data_ptr()};
-    Tensor coef = at::zeros({B * kCoefStride}, x.options().dtype(at::kDouble));
+    Tensor coef = scratch(x, B * kCoefStride);
     if (n > 0) {
       const Split sd = split_for<T>(broyden_dots_kernel<T>, B, D, groups_of(n, kBroydenColsPerBlock), ptrs);
       Tensor part = scratch(x, B * sd.chunks * 3 * n);
