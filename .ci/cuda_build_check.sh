@@ -98,7 +98,7 @@ while pos >= 0:
 print(" ".join(f"{k}x{v}" for k, v in sorted(found.items())))
 EOF
 )
-n_ptx=$(echo "$fatbin" | grep -o "ptx_90x[0-9]*" | cut -dx -f2 || true)
+n_ptx=$(echo "$fatbin" | sed -n 's/.*ptx_90x\([0-9]*\).*/\1/p')
 if [ "${n_ptx:-0}" != "$n_cu" ]; then
   echo "cuda_build_check: FAIL: $so embeds sm_90 PTX for ${n_ptx:-0} of $n_cu .cu files (fatbin: $fatbin)" >&2
   exit 1
