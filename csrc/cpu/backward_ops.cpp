@@ -415,7 +415,7 @@ void bwd_gmres_arnoldi_cpu(const Tensor& jtq, const Tensor& Q, const Tensor& R, 
           continue;
         }
         // w = A q_j = q_j - J^T q_j (state dtype, stored in q_{j+1}), then classical
-        // Gram-Schmidt applied twice against q_0 .. q_j (backward_math.h "CGS2")
+        // Gram-Schmidt applied twice against q_0 .. q_j (backward_math.h, "the Arnoldi step")
         const scalar_t* qj = Qp + j * hs + o;
         double n0 = 0.0;
         for (int64_t i = 0; i < D; ++i) {
