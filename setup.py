@@ -12,7 +12,8 @@ Extension (``deq_fast._C``):
       ``csrc/include/deq_fast/`` (included as ``"deq_fast/..."``);
     * plus every ``csrc/**/*.cu`` (``csrc/cuda/``; CUDAExtension) when the installed torch is a
       CUDA build and nvcc is found (``CUDA_HOME``), or when ``DEQ_FAST_FORCE_CUDA=1``. Without a
-      GPU on the build machine also set ``TORCH_CUDA_ARCH_LIST`` (e.g. "8.0;9.0") and ``CUDA_HOME``;
+      GPU on the build machine also set ``CUDA_HOME``; ``TORCH_CUDA_ARCH_LIST`` then defaults to
+      :data:`CUDA_ARCH_LIST` (with a GPU visible, torch's own default: the visible GPUs' archs);
     * ``DEQ_FAST_NO_EXT=1`` skips it: a pure-Python install that uses the reference path.
       Without it, a build that cannot make the extension FAILS with a message saying why and how
       to fix it (torch not importable in the build environment: ``--no-build-isolation``; a
@@ -30,6 +31,9 @@ from setuptools import find_packages, setup
 from setuptools.errors import BaseError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# TORCH_CUDA_ARCH_LIST when unset and no GPU is visible: A100 and H100 machine code plus sm_90
+# PTX, which newer GPUs JIT-compile (.ci/cuda_build_check.sh asserts the PTX is in the built extension).
+CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def _flag(name: str) -> bool:
@@ -95,6 +99,8 @@ def _extensions() -> tuple[list, dict]:
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     if use_cuda:
         sources += _sources(".cu")
+        if not torch.cuda.is_available():  # with a GPU visible torch targets that GPU's arch
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCH_LIST)
         compile_args["nvcc"] = ["-O3"]
         ext = cpp_extension.CUDAExtension("deq_fast._C", sources, include_dirs=include_dirs,
                                           extra_compile_args=compile_args)

@@ -4,10 +4,15 @@
 #
 #   1. create or reuse a venv with a CUDA build of torch (torch==2.14.1 = CUDA 13.0, matching the
 #      machine's nvcc 13.0; ~5.4 GB from local disk) at ${DEQ_FAST_CUDA_VENV:-~/.cache/deq_fast/venv-cuda};
-#   2. build deq_fast._C with csrc/**/*.cpp + csrc/**/*.cu (csrc/cuda/) (CUDA_HOME=/usr/local/cuda,
-#      TORCH_CUDA_ARCH_LIST="8.0;9.0": without them the build fails where no GPU is visible) from a
-#      temporary copy of the sources, so neither the work tree nor the CPU venv's install is touched;
-#   3. import deq_fast._C there and assert that every deq_fast:: op has a CUDA kernel
+#   2. build deq_fast._C with csrc/**/*.cpp + csrc/**/*.cu (csrc/cuda/) (CUDA_HOME=/usr/local/cuda;
+#      without it the build fails where no GPU is visible; TORCH_CUDA_ARCH_LIST defaults to
+#      setup.py's CUDA_ARCH_LIST, "8.0;9.0+PTX") from a temporary copy of the sources, so neither
+#      the work tree nor the CPU venv's install is touched; ptxas reports every kernel's resources
+#      (NVCC_APPEND_FLAGS);
+#   3. assert from the build log that no CUDA kernel spills registers (ptxas: 0 bytes spill stores
+#      and loads, every kernel, every arch), and that the built .so embeds sm_90 PTX for every .cu
+#      (its fatbin records), so GPUs newer than sm_90 JIT from it;
+#   4. import deq_fast._C there and assert that every deq_fast:: op has a CUDA kernel
 #      (a direct CUDA registration; a CompositeImplicit/Explicit op is accepted and marked). Only
 #      the ops whose schema deq_fast._C declares (csrc/ops.cpp) are checked: the forward solver ops
 #      are declared by the Python op table, and their CUDA kernels are the Triton launchers.
@@ -22,7 +27,7 @@ VENV=${DEQ_FAST_CUDA_VENV:-$HOME/.cache/deq_fast/venv-cuda}
 TORCH_SPEC=${DEQ_FAST_CUDA_TORCH:-torch==2.14.1}
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
+export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -Xptxas -v"
 export MAX_JOBS=${MAX_JOBS:-2}
 export PATH="$CUDA_HOME/bin:$PATH"
 
@@ -58,6 +63,46 @@ if ! DEQ_FAST_FORCE_CUDA=1 "$VENV/bin/pip" install -v --no-build-isolation --no-
   exit 1
 fi
 t2=$(date +%s)
+
+# ptxas resources: one "Used N registers" line per kernel and arch, each after its spill line
+n_kernels=$(grep -c "ptxas info    : Used [0-9]* registers" "$WORK/build.log" || true)
+spills=$(grep "bytes spill stores" "$WORK/build.log" | grep -v " 0 bytes spill stores, 0 bytes spill loads" || true)
+if [ "$n_kernels" -eq 0 ]; then
+  echo "cuda_build_check: FAIL: no ptxas resource report in the build log" >&2; exit 1
+fi
+if [ -n "$spills" ]; then
+  echo "$spills" >&2
+  echo "cuda_build_check: FAIL: CUDA kernels spill registers" >&2; exit 1
+fi
+max_regs=$(grep -o "Used [0-9]* registers" "$WORK/build.log" | awk '{print $2}' | sort -n | tail -1)
+so=$(find "$VENV/lib" -path "*deq_fast/_C*.so" | head -1)
+# the fatbin entries of the .so (kind_arch x count), read from its .nv_fatbin records (no
+# cuobjdump on this machine): header {magic 0xBA55ED50, version, header size, size}, then entries
+# {kind (1 PTX, 2 ELF), version, header size, size, ..., arch at byte 28}
+fatbin=$("$VENV/bin/python" - "$so" <<'EOF'
+import struct, sys
+from collections import Counter
+data = open(sys.argv[1], "rb").read()
+magic, kinds, found = struct.pack("<I", 0xBA55ED50), {1: "ptx", 2: "sm"}, Counter()
+pos = data.find(magic)
+while pos >= 0:
+    _, _, hsize, fsize = struct.unpack_from("<IHHQ", data, pos)
+    e, end = pos + hsize, pos + hsize + fsize
+    while e + 32 <= end:
+        kind, _, ehs, size = struct.unpack_from("<HHIQ", data, e)
+        if kind not in kinds or ehs == 0:
+            break
+        found[f"{kinds[kind]}_{struct.unpack_from('<I', data, e + 28)[0]}"] += 1
+        e += ehs + size
+    pos = data.find(magic, max(end, pos + 4))
+print(" ".join(f"{k}x{v}" for k, v in sorted(found.items())))
+EOF
+)
+n_ptx=$(echo "$fatbin" | sed -n 's/.*ptx_90x\([0-9]*\).*/\1/p')
+if [ "${n_ptx:-0}" != "$n_cu" ]; then
+  echo "cuda_build_check: FAIL: $so embeds sm_90 PTX for ${n_ptx:-0} of $n_cu .cu files (fatbin: $fatbin)" >&2
+  exit 1
+fi
 
 cd "$WORK"   # import the installed package, not a source tree
 rc=0
@@ -96,5 +141,5 @@ print(f"OK: {len(ops)} deq_fast ops, all with CUDA kernels{note} [torch {torch._
 EOF
 ) || rc=$?
 t3=$(date +%s)
-echo "cuda_build_check: $summary; $n_cu .cu files; sm_80+sm_90; venv $((t1 - t0))s, build $((t2 - t1))s, check $((t3 - t2))s"
+echo "cuda_build_check: $summary; $n_cu .cu files; arch ${TORCH_CUDA_ARCH_LIST:-setup.py CUDA_ARCH_LIST}; $n_kernels kernel compiles, 0 spills, max $max_regs registers; fatbin $fatbin; venv $((t1 - t0))s, build $((t2 - t1))s, check $((t3 - t2))s"
 exit $rc

@@ -16,7 +16,8 @@ Gram ``[B, m, m]`` float64.
   the ridge-regularised least-squares problem (:func:`anderson_alpha`), mix ``x = sum alpha_i F_i``.
 * ``bwd_broyden_step``: good-Broyden update of ``H = -I + U V^T`` and step ``x -= H r``.
 * ``bwd_gmres_start`` / ``bwd_gmres_arnoldi`` / ``bwd_gmres_update``: restarted GMRES (Arnoldi with
-  modified Gram-Schmidt, Givens rotations, back substitution), all per sample.
+  classical Gram-Schmidt applied twice (:func:`cgs2_project`), Givens rotations, back
+  substitution), all per sample.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from deq_fast.ops.lstsq import anderson_lstsq_reference
 
 __all__ = ["OP_NAMES", "BREAKDOWN", "MAX_HISTORY", "anderson_alpha", "bwd_track_reference",
            "bwd_masked_add_reference", "bwd_anderson_mix_reference", "bwd_broyden_step_reference",
-           "bwd_gmres_start_reference", "bwd_gmres_arnoldi_reference",
+           "bwd_gmres_start_reference", "bwd_gmres_arnoldi_reference", "cgs2_project",
            "bwd_gmres_update_reference"]
 
 #: The registered ops, ``deq_fast::<name>``.
@@ -130,15 +131,28 @@ def _givens_column(j, h, cs, sn, s):
     return h, cs_new, sn_new, s_j, s_j1
 
 
+def cgs2_project(w, Q):
+    """Classical Gram-Schmidt applied twice against the basis ``Q`` ``[c, B, D]``, per sample:
+    ``h = Q^T w; w1 = w - Q h; h2 = Q^T w1; w2 = w1 - Q h2``, every product and sum in float64
+    (``w1`` is never rounded to the state dtype). Returns ``(w2, h + h2)``: the projected vector
+    (float64) and the Hessenberg column entries ``[B, c]``. Each of the two inner-product sets is
+    one pass over the basis (all ``c`` dots at once), which is what lets the CUDA kernel read the
+    basis once per set instead of once per column as modified Gram-Schmidt must."""
+    Qd = Q.double()
+    wd = w.double()
+    h = torch.einsum("cbd,bd->bc", Qd, wd)
+    w1 = wd - torch.einsum("bc,cbd->bd", h, Qd)
+    h2 = torch.einsum("cbd,bd->bc", Qd, w1)
+    return w1 - torch.einsum("bc,cbd->bd", h2, Qd), h + h2
+
+
 def bwd_gmres_arnoldi_reference(jtq, Q, R, cs, sn, s, kdim, cyc, inv_gnorm, j, tol):
     dt = jtq.dtype
     w = Q[j] - jtq
     n0 = w.double().norm(dim=1)
     h = torch.zeros(jtq.shape[0], j + 2, dtype=torch.float64, device=jtq.device)
-    for c in range(j + 1):
-        hc = (w.double() * Q[c].double()).sum(1)
-        h[:, c] = hc
-        w = (w.double() - hc[:, None] * Q[c].double()).to(dt)
+    w2, h[:, : j + 1] = cgs2_project(w, Q[: j + 1])
+    w = w2.to(dt)  # the projected vector is stored in the state dtype, then normalised
     hn = w.double().norm(dim=1)
     breakdown = ~(hn > BREAKDOWN * n0)
     h[:, j + 1] = torch.where(breakdown, 0.0, hn)

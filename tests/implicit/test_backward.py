@@ -523,3 +523,130 @@ def test_backend_vocabulary_is_shared_with_the_forward(monkeypatch):
     assert implicit_backward(fz, z, grad)[1]["backend"] == expected
     with pytest.raises(ValueError, match="backend must be one of"):
         implicit_backward(fz, z, grad, backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# GMRES's Arnoldi step: classical Gram-Schmidt applied twice (one formula in the Python reference,
+# the CPU op and the CUDA kernel) against modified Gram-Schmidt on an ill-conditioned Krylov basis
+# ---------------------------------------------------------------------------------------------
+def _mgs_project(w, Q):
+    """Modified Gram-Schmidt (the previous formula): one column at a time."""
+    w, hs = w.double(), []
+    for c in range(Q.shape[0]):
+        hc = (w * Q[c].double()).sum(1)
+        hs.append(hc)
+        w = w - hc[:, None] * Q[c].double()
+    return w, torch.stack(hs, 1)
+
+
+def _arnoldi_run(step, A, r, k):
+    """k Arnoldi steps of A = I - J^T (jtq = q - A q) from r; returns Q and s."""
+    B, D = r.shape
+    dopt = {"dtype": torch.float64}
+    Q, R = torch.zeros(k + 1, B, D, **dopt), torch.zeros(B, k, k + 1, **dopt)
+    cs, sn, s = torch.zeros(B, k, **dopt), torch.zeros(B, k, **dopt), torch.zeros(B, k + 1, **dopt)
+    kdim, cyc = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.bool)
+    bwd_ops.bwd_gmres_start_reference(r, torch.ones(B, dtype=torch.bool), Q, s, kdim, cyc)
+    for j in range(k):
+        step(Q[j] - Q[j] @ A.T, Q, R, cs, sn, s, kdim, cyc, torch.ones(B, **dopt), j, 0.0)
+    assert kdim.tolist() == [k] * B
+    return Q, s
+
+
+def _loss_of_orthogonality(Q):
+    eye = torch.eye(Q.shape[0], dtype=torch.float64)
+    return (torch.einsum("cbd,ebd->bce", Q, Q) - eye).abs().max().item()
+
+
+_ARNOLDI_STEPS = [pytest.param(bwd_ops.bwd_gmres_arnoldi_reference, id="reference"),
+                  pytest.param(lambda *a: torch.ops.deq_fast.bwd_gmres_arnoldi(*a), id="cpp",
+                               marks=needs_ext)]
+
+
+@pytest.mark.parametrize("step", _ARNOLDI_STEPS)
+def test_cgs2_agrees_with_mgs_on_an_ill_conditioned_krylov_basis(step, monkeypatch):
+    """A with condition number 1e12: modified Gram-Schmidt's basis loses orthogonality (~1e-9);
+    CGS2 keeps it at rounding level, and both give the same basis and residual estimates."""
+    gen = torch.Generator().manual_seed(0)
+    B, D, k = 2, 48, 30
+    U, _ = torch.linalg.qr(torch.randn(D, D, generator=gen, dtype=torch.float64))
+    A = U @ torch.diag(torch.logspace(0, -12, D, dtype=torch.float64)) @ U.T
+    r = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    Q_cgs2, s_cgs2 = _arnoldi_run(step, A, r, k)
+    monkeypatch.setattr(bwd_ops, "cgs2_project", _mgs_project)
+    Q_mgs, s_mgs = _arnoldi_run(bwd_ops.bwd_gmres_arnoldi_reference, A, r, k)
+    assert _loss_of_orthogonality(Q_cgs2) < 1e-14
+    assert _loss_of_orthogonality(Q_mgs) > 1e-12  # the basis is ill-conditioned enough to show
+    torch.testing.assert_close(Q_cgs2, Q_mgs, rtol=0, atol=1e-7)
+    torch.testing.assert_close(s_cgs2, s_mgs, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_cgs2_project_is_classical_gram_schmidt_twice(dtype):
+    """The reference formula against a plain loop: h = Q^T w, w1 = w - Q h, h2 = Q^T w1,
+    w2 = w1 - Q h2, returns (w2, h + h2) in float64."""
+    gen = torch.Generator().manual_seed(3)
+    Q = torch.linalg.qr(torch.randn(3, 9, 5, generator=gen, dtype=torch.float64))[0]
+    Q = Q.permute(2, 0, 1).to(dtype)  # [5, 3, 9]
+    w = torch.randn(3, 9, generator=gen, dtype=dtype)
+    w2, h = bwd_ops.cgs2_project(w, Q)
+    Qd, wd = Q.double(), w.double()
+    h1 = torch.stack([(wd * Qd[c]).sum(1) for c in range(5)], 1)
+    w1 = wd - sum(h1[:, c, None] * Qd[c] for c in range(5))
+    h2 = torch.stack([(w1 * Qd[c]).sum(1) for c in range(5)], 1)
+    torch.testing.assert_close(h, h1 + h2, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(w2, w1 - sum(h2[:, c, None] * Qd[c] for c in range(5)),
+                               rtol=1e-13, atol=1e-13)
+    assert w2.dtype == torch.float64
+    assert torch.einsum("cbd,bd->bc", Qd, w2).abs().max() < 1e-12  # orthogonal to the basis
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks (deq_fast/op_checks.h, shared by the CPU and CUDA kernels): errors name the
+# offending argument
+# ---------------------------------------------------------------------------------------------
+def _bad_args(name, dtype=torch.float64):
+    args = list(_op_samples(dtype)[name])
+    B, D = 3, 7
+    if name == "bwd_gmres_update":   # restart 65 > 64: the CUDA kernels' small arrays
+        args[1] = torch.zeros(66, B, D, dtype=dtype)
+        args[2] = torch.zeros(B, 65, 66, dtype=torch.float64)
+        args[3] = torch.zeros(B, 66, dtype=torch.float64)
+        return args, "Q history longer"
+    if name == "bwd_gmres_arnoldi":  # cs not [B, restart]
+        args[3] = torch.zeros(B, 2, dtype=torch.float64)
+        return args, "cs"
+    if name == "bwd_track":          # best_x transposed: not contiguous
+        args[5] = torch.zeros(D, B, dtype=dtype).t()
+        return args, "best_x"
+    if name == "bwd_broyden_step":   # r_prev of the wrong dtype
+        args[2] = args[2].float()
+        return args, "r_prev"
+    if name == "bwd_anderson_mix":   # gram of the wrong dtype
+        args[4] = args[4].float()
+        return args, "gram"
+    if name == "bwd_gmres_start":    # kdim int32
+        args[4] = args[4].int()
+        return args, "kdim"
+    args[2] = torch.ones(2, dtype=torch.bool)  # bwd_masked_add: active of the wrong length
+    return args, "active"
+
+
+@needs_ext
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_op_errors_name_the_argument(name):
+    args, arg_name = _bad_args(name)
+    with pytest.raises(RuntimeError, match=arg_name):
+        getattr(torch.ops.deq_fast, name)(*args)
+
+
+def test_cuda_and_cpu_ops_share_the_argument_checks():
+    """Every CUDA op calls the same check function as its CPU twin (op_checks.h)."""
+    csrc = Path(__file__).resolve().parents[2] / "csrc"
+    cpp = (csrc / "cpu" / "backward_ops.cpp").read_text()
+    cu = (csrc / "cuda" / "backward_ops.cu").read_text()
+    for name in OP_NAMES:
+        check = f"check_{name.removeprefix('bwd_')}_args("
+        assert check in (csrc / "include" / "deq_fast" / "op_checks.h").read_text()
+        assert cpp.count(check) == 2 and f"{check}" in cu  # definition + CPU call; CUDA call
+        assert "c10::DeviceType::CUDA" in cu.split(check, 1)[1].split(";", 1)[0]

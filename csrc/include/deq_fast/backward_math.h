@@ -9,7 +9,8 @@
 // This header is the one copy of the formulas that the CPU kernels (cpu/backward_ops.cpp) and the
 // CUDA kernels (cuda/backward_ops.cu) share: everything per sample and O(m^2) or O(m^3) (small solves,
 // Givens rotations, convergence decisions) and the per-element updates. Reductions over D are
-// done by the callers (a sequential loop on CPU, a block reduction on CUDA) in double precision.
+// done by the callers (a sequential loop on CPU; on CUDA per-block partial sums over chunks of D
+// added in a fixed order by a per-sample kernel) in double precision.
 // Small solves are always in double, whatever the state dtype.
 //
 // Memory layout of the kernels (all contiguous):
@@ -60,6 +61,17 @@ DEQ_FAST_HOST_DEVICE inline TrackDecision track_decision(double rel, double best
 // and Anderson degrades to damped plain iteration (docs/contracts.md#torchdeq-solvers).
 constexpr int kAndersonWork = anderson_lstsq_work_size(kMaxHistory);
 
+// ---- GMRES: the Arnoldi step (CGS2) -----------------------------------------------------------
+// w = A q_j = q_j - J^T q_j (state dtype) is orthogonalised against q_0 .. q_j by classical
+// Gram-Schmidt applied twice ("CGS2"), every product and sum in double:
+//     h = Q^T w;  w1 = w - Q h;  h2 = Q^T w1;  w2 = w1 - Q h2;  column j of H = h + h2,
+// w2 rounded to the state dtype and stored as q_{j+1}, then h[j+1] = ||q_{j+1}|| and
+// q_{j+1} /= h[j+1] (zero on a breakdown, kBreakdown). Each set of inner products is one pass over
+// the basis (all j + 1 dots together), so the CUDA kernels read the basis three times per step
+// where modified Gram-Schmidt reads it twice per column; CGS2 is also the more orthogonal of the
+// two. The passes over D live in the callers (cpu/backward_ops.cpp, cuda/backward_ops.cu); the
+// Python reference is deq_fast.ops.backward.cgs2_project.
+//
 // ---- GMRES: Givens rotations on the Hessenberg column -----------------------------------------
 // Column j of the Hessenberg matrix, h[0..j+1] (h[j+1] = ||w|| after orthogonalisation), is
 // rotated by the previous rotations (cs[i], sn[i]), i < j; then the rotation that zeroes h[j+1]

@@ -1,0 +1,342 @@
+"""A GPU performance model of the CUDA backward ops ``deq_fast::bwd_*`` (``csrc/cuda/backward_ops.cu``)
+that runs without a GPU: per op, its passes over ``D`` at one shape against the op's bandwidth
+floor, for the kernels as they are (split-D grid) and as they were (one block per sample).
+
+Launch shapes are data (:data:`CU`) mirroring the constants of ``backward_ops.cu``; a test parses
+them from the source so that the two cannot drift. Registers per thread are ``ptxas -v`` figures
+for sm_90 (:data:`REGISTERS`, from ``.ci/cuda_build_check.sh``'s build log).
+
+Model (:func:`kernel_time`): a pass is ``P`` blocks of ``W`` bytes; ``R`` blocks fit on an SM
+(warps, registers, shared memory), so it runs in waves of ``SMs·R``; each block makes ``trips``
+dependent DRAM round trips in sequence (its loop iterations x round trips per iteration, + 1 for
+the prologue and the partial-sum write). A wave of ``p`` blocks takes
+``max(trips·latency, p·W / peak)`` (Little's law, capped by the peak bandwidth). A finalise kernel
+(one block per sample reading ``chunks x values`` partials, then ``O(m^2)``-``O(m^3)`` scalar math
+on one thread) costs one latency plus its scalar work (:data:`SCALAR_OP_S` per flop).
+
+Floors, in units of ``B·D·s`` (``s`` the element size):
+
+* **contract**: every ``[B, D]`` operand the op reads or writes, once.
+* **algorithm**: what the op cannot avoid given that a reduction over ``D`` must finish before the
+  values that depend on it are formed (an operand needed on both sides of a reduction is read on
+  each side; e.g. CGS2 reads the basis three times). The CUDA kernels move exactly this much
+  (repeated reads of a chunk by the column groups of one chunk run together and hit L2; not
+  counted).
+
+Assumptions (not measured; no GPU was available): H100 SXM5 132 SMs, 3.35 TB/s, 650 ns loaded
+DRAM latency, 64 warps / 65,536 registers / 228 KB shared memory / 32 blocks per SM; A100 SXM4
+108 SMs, 2.039 TB/s, 600 ns, 164 KB. Loads of one loop iteration are in flight together (the
+unrolled column loops: ``kColumnUnroll`` columns at a time), iterations do not overlap (the
+``#pragma unroll 2`` of the element loop is not credited); stores do not wait. The old kernels:
+one 256-thread block per sample, scalar loads, one round trip per element-loop iteration, modified
+Gram-Schmidt (two passes per basis column), a block reduction (two barriers, ~2 us) per dot.
+
+Usage::
+
+    python benchmarks/gpu_model_backward.py                    # H100, float32, B=128, D=65,536
+    python benchmarks/gpu_model_backward.py --gpu a100 --dtype float64 --B 32 --D 196608
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+# ----------------------------------------------------------------------------- GPUs as data
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    sms: int
+    dram_bytes_per_s: float
+    dram_latency_s: float
+    smem_per_sm: int
+    warps_per_sm: int = 64
+    regs_per_sm: int = 65536
+    blocks_per_sm: int = 32
+    reg_alloc_unit: int = 256
+
+    @property
+    def bytes_in_flight_needed(self) -> float:
+        """Per SM, to reach the peak (Little's law)."""
+        return self.dram_bytes_per_s * self.dram_latency_s / self.sms
+
+
+GPUS = {
+    "h100": GPU("H100 SXM5", 132, 3.35e12, 650e-9, 228 * 1024),
+    "a100": GPU("A100 SXM4 80GB", 108, 2.039e12, 600e-9, 164 * 1024),
+}
+SCALAR_OP_S = 2e-9          # one dependent double flop on one thread, with its shared-memory access
+LAUNCH_GAP_S = 1.5e-6       # back-to-back launches on one stream (not in the kernel times)
+OLD_BLOCK_REDUCE_S = 2e-6   # the old kernels' block_sum: two barriers and a serial warp loop
+
+# ----------------------------------------------------------------------------- the .cu as data
+
+#: The launch constants of csrc/cuda/backward_ops.cu (tests/implicit/test_gpu_model_backward.py
+#: parses them from the source).
+CU = {
+    "kThreads": 256,
+    "kBlocksPerSm": 8,
+    "kMinVecsPerThread": 4,
+    "kMaxChunks": 4096,
+    "kColsPerBlock": 12,
+    "kBroydenColsPerBlock": 6,
+    "kFinaliseThreads": 64,
+    "kColumnUnroll": 4,
+    "kDotsMinBlocks": 2,
+    "kVecUnroll": 2,
+    "kVecUnrollDots": 1,
+}
+
+#: Registers per thread, ptxas sm_90 (float32, float64), CUDA 13.0; zero spills for all.
+REGISTERS = {
+    "sumsq": (32, 28), "scale": (48, 44), "combine": (48, 40), "track_residual": (48, 48),
+    "copy_if": (26, 26), "masked_add": (28, 29), "anderson_dots": (72, 82),
+    "broyden_dots": (128, 92), "broyden_v": (74, 64), "broyden_u": (80, 74),
+    "arnoldi_dots": (106, 90), "arnoldi_redots": (80, 82), "arnoldi_project": (80, 68),
+}
+
+# ----------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One pass over D: a kernel in units of B·D·s vectors.
+
+    Attributes:
+        kernel: key of :data:`REGISTERS`.
+        read, written: vectors read / written (DRAM) by the whole pass.
+        streams: vectors each thread loads per loop iteration outside the column loops.
+        columns: history columns the block loads per iteration; groups: column groups (grid z).
+        unrolled: the column loads of one iteration are all in flight (the dots kernels' fully
+            unrolled loops); otherwise kColumnUnroll at a time.
+        samples: fraction of the samples that run it (the copy of an improved iterate).
+    """
+    kernel: str
+    read: float
+    written: float
+    streams: int
+    columns: int = 0
+    groups: int = 1
+    unrolled: bool = False
+    samples: float = 1.0
+
+
+@dataclass(frozen=True)
+class Finalise:
+    values: int             # partial sums per chunk
+    flops: float = 0.0      # scalar work of thread 0
+
+
+@dataclass(frozen=True)
+class Shape:
+    B: int
+    D: int
+    s: int                  # element size
+
+    @property
+    def vec(self) -> int:
+        return 16 // self.s
+
+    @property
+    def nvec(self) -> int:
+        return -(-self.D // self.vec)
+
+    @property
+    def state_bytes(self) -> float:
+        return float(self.B * self.D * self.s)
+
+
+def resident_per_sm(regs: int, threads: int, smem: int, gpu: GPU) -> int:
+    warps = -(-threads // 32)
+    regs_per_warp = math.ceil(regs * 32 / gpu.reg_alloc_unit) * gpu.reg_alloc_unit
+    return max(0, min(gpu.blocks_per_sm, gpu.warps_per_sm // warps,
+                      gpu.regs_per_sm // regs_per_warp // warps, gpu.smem_per_sm // (smem + 1024)))
+
+
+def chunks(shape: Shape, resident: int, groups: int, gpu: GPU) -> int:
+    """split_for of backward_ops.cu."""
+    slots = gpu.sms * max(1, min(resident, CU["kBlocksPerSm"]))
+    fill = max(1, slots // (shape.B * groups))
+    most = max(1, shape.nvec // (CU["kThreads"] * CU["kMinVecsPerThread"]))
+    return min(fill, most, CU["kMaxChunks"])
+
+
+@dataclass(frozen=True)
+class PassTime:
+    name: str
+    time_s: float
+    bytes_moved: float
+    blocks: int
+    per_sm: int
+    in_flight_per_sm: float
+
+
+def kernel_time(name: str, blocks: int, resident: int, trips: int, bytes_moved: float,
+                in_flight_per_block: float, gpu: GPU) -> PassTime:
+    """Little's law per wave, capped by the peak bandwidth, waves in sequence."""
+    per_wave = gpu.sms * resident
+    full, rest = divmod(blocks, per_wave)
+    waves = [per_wave] * full + ([rest] if rest else [])
+    per_block = bytes_moved / blocks
+    t = sum(max(trips * gpu.dram_latency_s, p * per_block / gpu.dram_bytes_per_s) for p in waves)
+    per_sm = min(resident, -(-blocks // gpu.sms))
+    return PassTime(name, t, bytes_moved, blocks, per_sm, per_sm * in_flight_per_block)
+
+
+def pass_time(p: Pass, shape: Shape, gpu: GPU, dtype_index: int) -> tuple:
+    """(PassTime, chunks) of one split-D pass."""
+    threads = CU["kThreads"]
+    resident = resident_per_sm(REGISTERS[p.kernel][dtype_index], threads, 2048, gpu)
+    n_chunks = chunks(shape, resident, p.groups, gpu)
+    blocks = max(1, round(shape.B * p.samples)) * n_chunks * p.groups
+    iters = -(-shape.nvec // n_chunks) // threads + 1
+    cols = p.columns if p.unrolled else min(p.columns, CU["kColumnUnroll"])
+    col_trips = 1 if p.unrolled or p.columns == 0 else -(-p.columns // CU["kColumnUnroll"])
+    trips = iters * col_trips + 1
+    in_flight = threads * 16 * (p.streams + cols)
+    moved = (p.read + p.written) * shape.state_bytes * p.samples
+    return kernel_time(p.kernel, blocks, min(resident, CU["kBlocksPerSm"]), trips, moved,
+                       in_flight, gpu), n_chunks
+
+
+def finalise_time(f: Finalise, n_chunks: int, gpu: GPU) -> float:
+    reads = -(-n_chunks * f.values // CU["kFinaliseThreads"])
+    return (1 + min(reads, n_chunks)) * gpu.dram_latency_s + f.flops * SCALAR_OP_S
+
+
+# ----------------------------------------------------------------------------- the ops
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    steps: tuple            # Pass and Finalise in launch order
+    contract: float         # floors, in B·D·s
+    algorithm: float
+    old: tuple              # the old kernel: (passes over D, streams per pass, block reductions)
+
+
+def ops(m: int = 6, L: int = 20, j: int = 19, k: int = 20) -> list:
+    """The ops at Anderson history m, Broyden memory L (updating), Arnoldi step j, restart k
+    (update with k_b = k)."""
+    cgs2_groups = -(-(j + 1) // CU["kColsPerBlock"])
+    n_b = L - 1  # Broyden columns other than the slot being replaced
+    return [
+        Op("bwd_track", (Pass("track_residual", 3, 1, 3), Finalise(1, 20),
+                         Pass("copy_if", 1, 1, 1)), 6, 6, ((4, 1), (2, 0))),
+        Op("bwd_masked_add", (Pass("masked_add", 2, 1, 2),), 3, 3, ((3, 0),)),
+        Op("bwd_anderson_mix",
+           (Pass("anderson_dots", m + 1, 2, 2, m - 1, -(-m // CU["kColsPerBlock"]), True),
+            Finalise(m, 2 * m ** 3), Pass("combine", m, 1, 0, m)),
+           2 * m + 3, 2 * m + 4, ((4, 0),) + ((2, 1),) * m + ((m + 1, 0),)),
+        Op("bwd_broyden_step",
+           (Pass("broyden_dots", 2 * n_b + 3, 0, 3, 2 * n_b, -(-L // CU["kBroydenColsPerBlock"]),
+                 True),
+            Finalise(3 * L), Pass("broyden_v", n_b + 3, 1, 3, n_b), Finalise(2, 10),
+            Pass("broyden_u", n_b + 4, 4, 4, n_b)),
+           2 * n_b + 9, 4 * n_b + 15,
+           ((3, 0),) + ((2, 1),) * (2 * n_b) + ((2 * n_b + 4, 1), (4, 0)) + ((2, 1),) * L
+           + ((L + 6, 0),)),
+        Op("bwd_gmres_start", (Pass("sumsq", 1, 0, 1), Finalise(1, 2 * k),
+                               Pass("scale", 1, 1, 1)), 2, 3, ((1, 1), (2, 0))),
+        Op("bwd_gmres_arnoldi",
+           (Pass("arnoldi_dots", j + 2, 0, 2, j + 1, cgs2_groups, True), Finalise(j + 2),
+            Pass("arnoldi_redots", j + 2, 0, 2, j + 1, cgs2_groups), Finalise(j + 1),
+            Pass("arnoldi_project", j + 2, 1, 2, 2 * (j + 1)), Finalise(1, 8 * j + 20),
+            Pass("scale", 1, 1, 1)),
+           j + 3, 3 * j + 9, ((3, 1),) + ((2, 1), (3, 0)) * (j + 1) + ((1, 1), (2, 0))),
+        Op("bwd_gmres_update", (Finalise(0, k * k), Pass("combine", k + 1, 1, 1, k)),
+           k + 2, k + 2, ((k + 2, 0),)),
+    ]
+
+
+@dataclass(frozen=True)
+class OpTime:
+    name: str
+    new_s: float
+    old_s: float
+    contract_s: float
+    algorithm_s: float
+    launches: int
+    detail: str
+
+
+def old_time(op: Op, shape: Shape, gpu: GPU) -> float:
+    """One 256-thread block per sample, scalar loads: per pass over D, one round trip per
+    element-loop iteration (the bytes of B blocks in flight), plus its block reductions."""
+    threads = 256
+    blocks = shape.B
+    resident = min(gpu.warps_per_sm // (threads // 32), 8)
+    t = 0.0
+    for streams, reductions in op.old:
+        moved = max(streams, 1) * shape.state_bytes
+        iters = -(-shape.D // threads)
+        t += kernel_time("old", blocks, resident, iters + 1, moved,
+                         threads * shape.s * max(streams, 1), gpu).time_s
+        t += reductions * OLD_BLOCK_REDUCE_S
+    return t
+
+
+def model_op(op: Op, shape: Shape, gpu: GPU, dtype_index: int) -> OpTime:
+    t, n_chunks, parts = 0.0, 1, []
+    launches = 0
+    for step in op.steps:
+        launches += 1
+        if isinstance(step, Pass):
+            pt, n_chunks = pass_time(step, shape, gpu, dtype_index)
+            t += pt.time_s
+            parts.append(f"{step.kernel}: {pt.blocks} blocks ({n_chunks} chunks x "
+                         f"{step.groups} groups), {pt.per_sm}/SM, "
+                         f"{pt.in_flight_per_sm / 1024:.0f} KB in flight/SM, "
+                         f"{pt.time_s * 1e6:.1f} us")
+        else:
+            ft = finalise_time(step, n_chunks, gpu)
+            t += ft
+            parts.append(f"finalise {ft * 1e6:.1f} us")
+    bw = gpu.dram_bytes_per_s
+    return OpTime(op.name, t, old_time(op, shape, gpu), op.contract * shape.state_bytes / bw,
+                  op.algorithm * shape.state_bytes / bw, launches, "; ".join(parts))
+
+
+def render(rows: Sequence[OpTime], gpu: GPU, shape: Shape, verbose: bool) -> str:
+    need = gpu.bytes_in_flight_needed / 1024
+    out = [f"{gpu.name}, B={shape.B}, D={shape.D}, {shape.s}-byte elements "
+           f"(bytes in flight needed per SM: {need:.1f} KB); times in us, launch gaps aside",
+           "| op | floor (contract) | floor (algorithm) | new | new / algorithm | "
+           "new / contract | old | old / algorithm | launches |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r.name} | {r.contract_s * 1e6:.1f} | {r.algorithm_s * 1e6:.1f} | "
+                   f"{r.new_s * 1e6:.1f} | **{r.new_s / r.algorithm_s:.2f}** | "
+                   f"{r.new_s / r.contract_s:.2f} | {r.old_s * 1e6:.0f} | "
+                   f"{r.old_s / r.algorithm_s:.1f} | {r.launches} |")
+    if verbose:
+        out += ["", *(f"{r.name}: {r.detail}" for r in rows)]
+    return "\n".join(out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gpu", choices=sorted(GPUS), default="h100")
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    ap.add_argument("--B", type=int, default=128)
+    ap.add_argument("--D", type=int, default=65536)
+    ap.add_argument("--m", type=int, default=6, help="Anderson history")
+    ap.add_argument("--L", type=int, default=20, help="Broyden memory")
+    ap.add_argument("--restart", type=int, default=20, help="GMRES restart (Arnoldi j = restart - 1)")
+    ap.add_argument("--verbose", action="store_true", help="per-pass grids, occupancy, bytes in flight")
+    a = ap.parse_args(argv)
+    gpu = GPUS[a.gpu]
+    di = 0 if a.dtype == "float32" else 1
+    shape = Shape(a.B, a.D, 4 if di == 0 else 8)
+    rows = [model_op(op, shape, gpu, di)
+            for op in ops(a.m, a.L, a.restart - 1, a.restart)]
+    print(render(rows, gpu, shape, a.verbose))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
