@@ -6,12 +6,15 @@ of sample ``b`` and loops over them in ``BLOCK_D`` steps, with ``ROWS_PAD`` hist
 ring, padded to a power of two) as the other axis of its register tiles. The plan is a pure
 function of ``(B, D, element size, SM count, rows, tiles)``:
 
-- ``num_warps``: 4, or 8 from ``ROWS_PAD >= 32`` (long Broyden rings).
 - ``BLOCK_D``: the largest power of two whose ``tiles`` live ``[ROWS_PAD, BLOCK_D]`` tiles fit
-  ``REG_BUDGET`` 32-bit registers per thread (``elem`` = accumulation words: 2 for float64), at
-  most ``MAX_BLOCK_D`` and ``next_power_of_2(D)``; then halved (not below one element per thread
-  and row, ``32·num_warps``) while ``B·cdiv(D, BLOCK_D)`` programs could not reach the target.
-  With ``BLOCK_D >= 32·num_warps·vector`` a tile's warps lie along ``D``.
+  ``REG_BUDGET`` 32-bit registers per thread (float64 counts two) over 4 warps (8 from
+  ``ROWS_PAD >= 32``: long Broyden rings), at most ``MAX_BLOCK_D`` and ``next_power_of_2(D)``;
+  then halved (not below ``FLOOR_BLOCK_D``) while ``B·cdiv(D, BLOCK_D)`` programs could not
+  reach the target.
+- ``num_warps``: as many as ``BLOCK_D`` holds with every warp along ``D`` and 16-byte vectors
+  (``BLOCK_D / (32·16/elem_size)``, at most 4, or 8 for long rings), raised to what the register
+  budget needs (up to ``MAX_WARPS``): small tiles get fewer warps rather than warps stacked
+  along the rows, which would add a cross-warp layout conversion per step.
 - ``chunks``: enough for ``PROGRAMS_PER_SM`` programs per SM (``cdiv(sm_count·8, B)``), at most
   one per ``BLOCK_D`` step; ``chunk_d`` is a whole number of steps and only the last chunk of a
   sample has a tail.
@@ -24,8 +27,9 @@ Two-level reductions (deterministic, no atomics on data): each program writes it
 a scratch row ``part[b, c, :]`` (allocated per launch with ``torch.empty``: the caching allocator
 makes that an O(1) host operation, it is stream-ordered and CUDA-graph safe, and no state outlives
 a launch), then takes a ticket ``atomic_add(ticket[b], 1)``; the program that draws the last ticket
-(``chunks - 1``) sums ``part[b, 0..chunks-1]`` in chunk order, writes the outputs and resets
-``ticket[b]`` to 0. Results do not depend on which program arrives last. The ticket counters are
+(``chunks - 1``) sums ``part[b, 0..chunks-1]`` in chunk order (loads with ``.cg``: through L2,
+never a stale L1 line that a neighbouring sample's reduction pulled in), writes the outputs and
+resets ``ticket[b]`` to 0. Results do not depend on which program arrives last. The ticket counters are
 the one persistent scratch: zeros allocated once per (device, stream) by :func:`tickets` (a
 counter must start at zero, and each launch leaves it at zero for the next).
 """
@@ -47,6 +51,8 @@ __all__ = ["Plan", "plan", "forced_plan", "sm_count", "tickets", "device_guard",
 REG_BUDGET = 64       # 32-bit registers per thread for the live [ROWS_PAD, BLOCK_D] tiles
 MAX_BLOCK_D = 1024
 MIN_BLOCK_D = 16
+FLOOR_BLOCK_D = 128   # BLOCK_D is not halved below this to make more chunks
+MAX_WARPS = 16
 PROGRAMS_PER_SM = 8   # target: programs resident per SM (4 warps each: 32 of 64 warp slots)
 DEFAULT_SM_COUNT = 132  # an H100 SXM; the SM count used for tensors not on CUDA
 
@@ -104,12 +110,12 @@ def _pow2_floor(v: int) -> int:
 def _plan(B: int, D: int, elem_size: int, sms: int, rows: int, tiles: int,
           forced: Optional[tuple]) -> Plan:
     R = rows_pad(rows) if rows > 0 else 1
-    warps = 8 if R >= 32 else 4
+    most_warps = 8 if R >= 32 else 4
     words = 2 if elem_size == 8 else 1
-    fit = _pow2_floor(REG_BUDGET * 32 * warps // (tiles * R * words))
+    fit = _pow2_floor(REG_BUDGET * 32 * most_warps // (tiles * R * words))
     bd = max(MIN_BLOCK_D, min(fit, MAX_BLOCK_D, triton.next_power_of_2(max(D, 1))))
     target = sms * PROGRAMS_PER_SM
-    floor = min(bd, 32 * warps)
+    floor = min(bd, FLOOR_BLOCK_D)
     while bd > floor and B * triton.cdiv(D, bd) < target:
         bd //= 2
     chunks = max(1, min(triton.cdiv(target, B), triton.cdiv(D, bd)))
@@ -117,6 +123,10 @@ def _plan(B: int, D: int, elem_size: int, sms: int, rows: int, tiles: int,
     if forced is not None:
         bd, chunk_d = forced
     chunks = max(1, triton.cdiv(D, chunk_d))
+    # warps along D with 16-byte vectors where BLOCK_D allows; more where the registers need them
+    along_d = max(1, min(most_warps, bd // (32 * (16 // elem_size))))
+    needed = triton.next_power_of_2(triton.cdiv(tiles * R * bd * words, 32 * REG_BUDGET))
+    warps = min(MAX_WARPS, max(along_d, needed))
     return Plan(grid=(B, chunks), BLOCK_D=bd, num_warps=warps, chunks=chunks, chunk_d=chunk_d,
                 ROWS_PAD=R)
 
@@ -135,7 +145,7 @@ def plan(B: int, D: int, elem_size: int, sm_count: int = DEFAULT_SM_COUNT, rows:
     Example:
         >>> p = plan(1, 65536, 4, 132, rows=6)
         >>> p.grid, p.BLOCK_D, p.num_warps, p.chunk_d
-        ((1, 512), 128, 4, 128)
+        ((1, 512), 128, 1, 128)
     """
     forced = (_FORCED["block_d"], _FORCED["chunk_d"]) if _FORCED else None
     return _plan(B, D, elem_size, sm_count, rows, tiles, forced)

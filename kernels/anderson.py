@@ -103,8 +103,8 @@ def _anderson_residual_kernel(x_ptr, fx_ptr, F_ptr, G_ptr, gram_ptr, sq_ptr, par
         fsum = tl.zeros([], dtype=ACC)
         for c in range(0, chunks):                              # fixed order: deterministic
             pc = part_ptr + b * stride_part + c * (M_PAD + 1)
-            row += tl.load(pc + rows)
-            fsum += tl.load(pc + M_PAD)
+            row += tl.load(pc + rows, cache_modifier=".cg")
+            fsum += tl.load(pc + M_PAD, cache_modifier=".cg")
         jm = rows < m
         base = gram_ptr + b * stride_gram
         # gram is [B, m, m] contiguous per sample; the diagonal entry is stored twice (same value)

@@ -45,6 +45,12 @@ from ._common import (
 __all__ = ["broyden_dots", "broyden_update", "launch_plan"]
 
 
+# the [L_PAD, BLOCK_D] tiles at the smallest BLOCK_D and 16 warps: L_PAD = 512 spills in float64
+# on sm_90 (ptxas: 216-272 B of stack), L_PAD = 256 does not; the op table runs the reference
+# beyond (deq_fast/ops/table.py)
+MAX_L = 256
+
+
 def launch_plan(B: int, D: int, L: int, elem_size: int, sms: int) -> Plan:
     """The plan both Broyden launchers use for ``[B, D]`` states of ``elem_size`` bytes and an
     ``L``-slot ring on a GPU with ``sms`` SMs (pass 1 holds five ``[L_PAD, BLOCK_D]`` tiles)."""
@@ -125,10 +131,10 @@ def _broyden_dots_kernel(x_ptr, fx_ptr, g_old_ptr, g_ptr, dx_ptr, U_ptr, V_ptr, 
         rs = tl.zeros([4], dtype=ACC)
         for c in range(0, chunks):                              # fixed order: deterministic
             pc = part_ptr + b * stride_part + c * (3 * L_PAD + 4)
-            ra += tl.load(pc + rows)
-            rb += tl.load(pc + L_PAD + rows)
-            rc += tl.load(pc + 2 * L_PAD + rows)
-            rs += tl.load(pc + 3 * L_PAD + four)
+            ra += tl.load(pc + rows, cache_modifier=".cg")
+            rb += tl.load(pc + L_PAD + rows, cache_modifier=".cg")
+            rc += tl.load(pc + 2 * L_PAD + rows, cache_modifier=".cg")
+            rs += tl.load(pc + 3 * L_PAD + four, cache_modifier=".cg")
         lm = rows < L
         tl.store(abc_ptr + b * stride_abc + rows, ra, mask=lm)
         tl.store(abc_ptr + b * stride_abc + L + rows, rb, mask=lm)
@@ -219,6 +225,8 @@ def _check_rings(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, abc: torch.T
     if not isinstance(U, torch.Tensor) or U.dim() != 3 or U.shape[1] < 1:
         raise ValueError(f"U must be a [B, L, D] tensor with L >= 1, got {getattr(U, 'shape', U)}")
     L = U.shape[1]
+    if L > MAX_L:
+        raise ValueError(f"U must have L <= {MAX_L} ring slots, got L={L}")
     acc = acc_dtype_of(x.dtype)
     check("x", x, (B, D), x.dtype, x.device)
     check("U", U, (B, L, D), x.dtype, x.device)
@@ -244,7 +252,8 @@ def broyden_dots(x: torch.Tensor, fx: torch.Tensor, g_old: torch.Tensor, g: torc
         g_old: ``[B, D]`` the previous residual (read; a different buffer from ``g``).
         g: ``[B, D]`` output residual ``fx - x``.
         dx: ``[B, D]`` the previous step (the one taken, after any line search).
-        U, V: ``[B, L, D]`` rings of the rank-1 factors; rows ``>= n_valid`` are zero.
+        U, V: ``[B, L, D]`` rings of the rank-1 factors, ``L <= 256``; rows ``>= n_valid`` are
+            zero.
         abc: ``[B, 3, L]`` output ``a = U dx``, ``b = V g``, ``c = V (g - g_old)`` (float32;
             float64 for float64 states).
         scal: ``[B, 4]`` output ``[<dx, g>, <dx, g - g_old>, ||g||^2, ||fx||^2]``.

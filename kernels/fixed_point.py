@@ -74,7 +74,7 @@ def _residual_norms_kernel(x_ptr, fx_ptr, sq_ptr, part_ptr, ticket_ptr, D, chunk
     if last_arrival(ticket_ptr, b, chunks):
         total = tl.zeros([2], dtype=ACC)
         for c in range(0, chunks):                              # fixed order: deterministic
-            total += tl.load(part_ptr + b * stride_part + c * 2 + two)
+            total += tl.load(part_ptr + b * stride_part + c * 2 + two, cache_modifier=".cg")
         tl.store(sq_ptr + b * stride_sq + two, total)
 
 
