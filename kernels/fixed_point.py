@@ -68,10 +68,11 @@ def _residual_norms_kernel(x_ptr, fx_ptr, sq_ptr, part_ptr, ticket_ptr, D, chunk
         fa = fv.to(ACC)
         gg += g * g
         ff += fa * fa
-    two = tl.arange(0, 2)
     part = part_ptr + b * stride_part + tl.program_id(1) * 2
-    tl.store(part + two, tl.where(two == 0, tl.sum(gg, axis=0), tl.sum(ff, axis=0)))
+    tl.store(part, tl.sum(gg, axis=0))
+    tl.store(part + 1, tl.sum(ff, axis=0))
     if last_arrival(ticket_ptr, b, chunks):
+        two = tl.arange(0, 2)
         total = tl.zeros([2], dtype=ACC)
         for c in range(0, chunks):                              # fixed order: deterministic
             total += tl.load(part_ptr + b * stride_part + c * 2 + two, cache_modifier=".cg")
