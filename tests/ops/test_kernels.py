@@ -765,6 +765,25 @@ def _not_specialised(kernel) -> set:
     return {kernel.arg_names[a] if isinstance(a, int) else a for a in (raw or ())}
 
 
+def test_plan_uses_the_devices_sm_count(monkeypatch):
+    """CUDA tensors: the SM count of their device (mocked: an A100 as cuda:1); CPU tensors: the
+    default (an H100's 132)."""
+    asked = []
+
+    def props(device):
+        asked.append(device)
+        return type("Props", (), {"multi_processor_count": 108})()
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    _common.sm_count.cache_clear()
+    try:
+        assert _common.sm_count(torch.device("cuda", 1)) == 108
+        assert _common.sm_count(torch.device("cpu")) == _common.DEFAULT_SM_COUNT == 132
+    finally:
+        _common.sm_count.cache_clear()
+    assert asked == [torch.device("cuda", 1)]
+
+
 def test_per_iteration_integers_are_not_specialised():
     """``slot``/``n``/``newest``/``n_valid``/``t`` change every iteration: one compile serves all."""
     want = {"anderson_residual": {"slot"}, "anderson_mix": {"n", "newest"},
