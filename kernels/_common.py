@@ -29,9 +29,13 @@ makes that an O(1) host operation, it is stream-ordered and CUDA-graph safe, and
 a launch), then takes a ticket ``atomic_add(ticket[b], 1)``; the program that draws the last ticket
 (``chunks - 1``) sums ``part[b, 0..chunks-1]`` in chunk order (loads with ``.cg``: through L2,
 never a stale L1 line that a neighbouring sample's reduction pulled in), writes the outputs and
-resets ``ticket[b]`` to 0. Results do not depend on which program arrives last. The ticket counters are
-the one persistent scratch: zeros allocated once per (device, stream) by :func:`tickets` (a
-counter must start at zero, and each launch leaves it at zero for the next).
+resets ``ticket[b]`` to 0. Results do not depend on which program arrives last. The ticket
+counters are the one persistent scratch: zeros allocated once per (device, stream) by
+:func:`tickets` (a counter must start at zero, and each launch leaves it at zero for the next;
+launches on one stream never overlap). The reduction finishes inside the producing launch, not
+in its consumer, because pass 1's ``sq`` is read by ``track_status`` (whose op schema takes a
+``[B, 2]`` tensor) before pass 2 runs: the schemas, the 3 launches per iteration and the absence
+of host syncs stay as they were.
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ MAX_BLOCK_D = 1024
 MIN_BLOCK_D = 16
 FLOOR_BLOCK_D = 128   # BLOCK_D is not halved below this to make more chunks
 MAX_WARPS = 16
-PROGRAMS_PER_SM = 8   # target: programs resident per SM (4 warps each: 32 of 64 warp slots)
+PROGRAMS_PER_SM = 8   # target programs per SM when the batch alone does not reach it
 DEFAULT_SM_COUNT = 132  # an H100 SXM; the SM count used for tensors not on CUDA
 
 STATE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
