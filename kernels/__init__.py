@@ -1,8 +1,11 @@
 """Fused Triton kernels of the deq_fast solver engine (installed as ``deq_fast.kernels``).
 
 One module per reference module of ``deq_fast/ops``: each holds the kernels ``_<op>_kernel`` (math,
-shapes, accumulation dtype and bytes moved in their docstrings) and the launchers ``<op>(...)``,
-which validate their arguments, launch exactly one kernel and never synchronise with the host.
+shapes, accumulation dtype and bytes moved in their docstrings), the launchers ``<op>(...)``,
+which validate their arguments, launch exactly one kernel (inside a device guard) and never
+synchronise with the host, and ``launch_plan(...)``: the pure-host split-D launch plan (grid,
+``BLOCK_D``, ``num_warps``, chunks; ``_common.plan``) the launchers use, which can be evaluated
+for any GPU's SM count without one.
 This package imports only torch and triton; the rest of deq_fast reaches it through the custom ops
 registered by the op table ``deq_fast/ops/table.py``. Under ``TRITON_INTERPRET=1`` (set before this package
 is imported) the kernels run on CPU tensors.

@@ -8,34 +8,62 @@ of which ``n_valid`` slots are written; rows ``>= n_valid`` of ``U``/``V`` and e
 ``>= n_valid`` of ``abc`` are zero (the engine's invariant), so the kernels read only ``n_valid``
 rows.
 
-Grid: one program per sample looping over ``D`` in ``BLOCK_D`` chunks with the ring as the other
-axis of an ``[L_PAD, BLOCK_D]`` tile (``L_PAD`` = next power of two of ``L``; the tile budget
-shrinks ``BLOCK_D`` for long rings). All products accumulate in ``abc``'s dtype (float32, float64
-for float64 states). A split-D grid would fill more SMs for tiny batches (see ``fixed_point.py``).
+Grid (:func:`launch_plan`, see ``_common.py``): ``(B, chunks)`` programs, program ``(b, c)``
+owning ``chunk_d`` columns of sample ``b``, looping over them in ``BLOCK_D`` steps with the ring
+as the other axis of ``[L_PAD, BLOCK_D]`` tiles (``L_PAD`` = next power of two of ``L``; the
+register budget of the five live tiles of pass 1 sets ``BLOCK_D``, so long rings and float64
+shrink it instead of spilling; 8 warps from ``L_PAD = 32``). All products accumulate in ``abc``'s
+dtype (float32, float64 for float64 states). Pass 1 writes per-chunk partial dots to a scratch
+``[B, chunks, 3·L_PAD + 4]``; the last program of each sample to finish sums them in chunk order
+(deterministic) and writes ``abc`` and ``scal``. Pass 2 needs no reduction. Each step issues its
+loads before its stores.
 
 Bytes per iteration (DESIGN.md §4), ``s`` = state element size, ``n = n_valid``:
     pass 1: (2n + 5)·B·D·s       pass 2: (2n + 8)·B·D·s  (+ B·D·s for improved samples)
-    together (4n + 13)·B·D·s, (4L + 13)·B·D·s once the ring is full.
+    together (4n + 13)·B·D·s, (4L + 13)·B·D·s once the ring is full; the scratch adds
+    (3·L_PAD + 4)·B·chunks accumulators written and read once.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype_of, block_d, check, check_state, rows_pad, unit_inner
+from ._common import (
+    Plan,
+    acc_dtype_of,
+    check,
+    check_state,
+    device_guard,
+    last_arrival,
+    plan,
+    sm_count,
+    tickets,
+    unit_inner,
+)
 
-__all__ = ["broyden_dots", "broyden_update"]
+__all__ = ["broyden_dots", "broyden_update", "launch_plan"]
 
 
-@triton.jit
+# the [L_PAD, BLOCK_D] tiles at the smallest BLOCK_D and 16 warps: L_PAD = 512 spills in float64
+# on sm_90 (ptxas: 216-272 B of stack), L_PAD = 256 does not; the op table runs the reference
+# beyond (deq_fast/ops/table.py)
+MAX_L = 256
+
+
+def launch_plan(B: int, D: int, L: int, elem_size: int, sms: int) -> Plan:
+    """The plan both Broyden launchers use for ``[B, D]`` states of ``elem_size`` bytes and an
+    ``L``-slot ring on a GPU with ``sms`` SMs (pass 1 holds five ``[L_PAD, BLOCK_D]`` tiles)."""
+    return plan(B, D, elem_size, sms, rows=L, tiles=5)
+
+
+@triton.jit(do_not_specialize=["n_valid"])
 def _broyden_dots_kernel(x_ptr, fx_ptr, g_old_ptr, g_ptr, dx_ptr, U_ptr, V_ptr, abc_ptr, scal_ptr,
-                         n_valid, D, L, stride_x, stride_fx, stride_go, stride_g, stride_dx,
-                         stride_Ub, stride_Ul, stride_Vb, stride_Vl, stride_abc, stride_scal,
+                         part_ptr, ticket_ptr, n_valid, D, L, chunk_d, chunks, stride_x,
+                         stride_fx, stride_go, stride_g, stride_dx, stride_Ub, stride_Ul,
+                         stride_Vb, stride_Vl, stride_abc, stride_scal, stride_part,
                          L_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Pass 1 for sample ``b = program_id(0)``::
+    """Pass 1 for sample ``b = program_id(0)``, chunk ``program_id(1)``::
 
         g[b] = fx[b] - x[b]                                  (stored, state dtype)
         dg = g[b] - g_old[b]                                 (not stored)
@@ -43,11 +71,15 @@ def _broyden_dots_kernel(x_ptr, fx_ptr, g_old_ptr, g_ptr, dx_ptr, U_ptr, V_ptr, 
                                                              (zero for l >= n_valid)
         scal[b] = [<dx, g>, <dx, dg>, ||g||^2, ||fx||^2]
 
-    Accumulation: ``scal``'s dtype, elementwise in ``[L_PAD, BLOCK_D]`` tiles reduced once.
+    Accumulation: ``scal``'s dtype, elementwise in ``[L_PAD, BLOCK_D]`` tiles reduced once per
+    chunk into ``part[b, c] = [a (L_PAD), b (L_PAD), c (L_PAD), scal (4)]``; the last program of
+    the sample sums the chunks in order.
     Bytes: read x, fx, g_old, dx, n_valid rows of U and V; write g -> ``(2·n_valid + 5)·B·D·size``.
     """
     ACC = scal_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
+    start = tl.program_id(1) * chunk_d
+    end = tl.minimum(start + chunk_d, D)
     rows = tl.arange(0, L_PAD)
     cols = tl.arange(0, BLOCK_D)
     rm = rows < n_valid
@@ -58,23 +90,23 @@ def _broyden_dots_kernel(x_ptr, fx_ptr, g_old_ptr, g_ptr, dx_ptr, U_ptr, V_ptr, 
     s_ddg = tl.zeros([BLOCK_D], dtype=ACC)
     gg = tl.zeros([BLOCK_D], dtype=ACC)
     ff = tl.zeros([BLOCK_D], dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(start, end, BLOCK_D):
         offs = d0 + cols
-        dm = offs < D
+        dm = offs < end
         xv = tl.load(x_ptr + b * stride_x + offs, mask=dm, other=0.0)
         fv = tl.load(fx_ptr + b * stride_fx + offs, mask=dm, other=0.0)
-        # rounded to the state dtype as stored; the arithmetic itself in ACC (bf16 has none)
-        g = (fv.to(ACC) - xv.to(ACC)).to(fv.dtype)
-        tl.store(g_ptr + b * stride_g + offs, g, mask=dm)
-        ga = g.to(ACC)
-        dga = ga - tl.load(g_old_ptr + b * stride_go + offs, mask=dm, other=0.0).to(ACC)
+        gov = tl.load(g_old_ptr + b * stride_go + offs, mask=dm, other=0.0)
         da = tl.load(dx_ptr + b * stride_dx + offs, mask=dm, other=0.0).to(ACC)
-        fa = fv.to(ACC)
         tmask = rm[:, None] & dm[None, :]
         Ut = tl.load(U_ptr + b * stride_Ub + rows[:, None] * stride_Ul + offs[None, :], mask=tmask,
                      other=0.0).to(ACC)
         Vt = tl.load(V_ptr + b * stride_Vb + rows[:, None] * stride_Vl + offs[None, :], mask=tmask,
                      other=0.0).to(ACC)
+        # rounded to the state dtype as stored; the arithmetic itself in ACC (bf16 has none)
+        g = (fv.to(ACC) - xv.to(ACC)).to(fv.dtype)
+        ga = g.to(ACC)
+        dga = ga - gov.to(ACC)
+        fa = fv.to(ACC)
         acc_a += Ut * da[None, :]
         acc_b += Vt * ga[None, :]
         acc_c += Vt * dga[None, :]
@@ -82,24 +114,42 @@ def _broyden_dots_kernel(x_ptr, fx_ptr, g_old_ptr, g_ptr, dx_ptr, U_ptr, V_ptr, 
         s_ddg += da * dga
         gg += ga * ga
         ff += fa * fa
-    lm = rows < L
-    tl.store(abc_ptr + b * stride_abc + rows, tl.sum(acc_a, axis=1), mask=lm)
-    tl.store(abc_ptr + b * stride_abc + L + rows, tl.sum(acc_b, axis=1), mask=lm)
-    tl.store(abc_ptr + b * stride_abc + 2 * L + rows, tl.sum(acc_c, axis=1), mask=lm)
-    base = scal_ptr + b * stride_scal
-    tl.store(base, tl.sum(s_dg, axis=0))
-    tl.store(base + 1, tl.sum(s_ddg, axis=0))
-    tl.store(base + 2, tl.sum(gg, axis=0))
-    tl.store(base + 3, tl.sum(ff, axis=0))
+        tl.store(g_ptr + b * stride_g + offs, g, mask=dm)
+    part = part_ptr + b * stride_part + tl.program_id(1) * (3 * L_PAD + 4)
+    tl.store(part + rows, tl.sum(acc_a, axis=1))
+    tl.store(part + L_PAD + rows, tl.sum(acc_b, axis=1))
+    tl.store(part + 2 * L_PAD + rows, tl.sum(acc_c, axis=1))
+    tl.store(part + 3 * L_PAD, tl.sum(s_dg, axis=0))
+    tl.store(part + 3 * L_PAD + 1, tl.sum(s_ddg, axis=0))
+    tl.store(part + 3 * L_PAD + 2, tl.sum(gg, axis=0))
+    tl.store(part + 3 * L_PAD + 3, tl.sum(ff, axis=0))
+    if last_arrival(ticket_ptr, b, chunks):
+        ra = tl.zeros([L_PAD], dtype=ACC)
+        rb = tl.zeros([L_PAD], dtype=ACC)
+        rc = tl.zeros([L_PAD], dtype=ACC)
+        four = tl.arange(0, 4)
+        rs = tl.zeros([4], dtype=ACC)
+        for c in range(0, chunks):                              # fixed order: deterministic
+            pc = part_ptr + b * stride_part + c * (3 * L_PAD + 4)
+            ra += tl.load(pc + rows, cache_modifier=".cg")
+            rb += tl.load(pc + L_PAD + rows, cache_modifier=".cg")
+            rc += tl.load(pc + 2 * L_PAD + rows, cache_modifier=".cg")
+            rs += tl.load(pc + 3 * L_PAD + four, cache_modifier=".cg")
+        lm = rows < L
+        tl.store(abc_ptr + b * stride_abc + rows, ra, mask=lm)
+        tl.store(abc_ptr + b * stride_abc + L + rows, rb, mask=lm)
+        tl.store(abc_ptr + b * stride_abc + 2 * L + rows, rc, mask=lm)
+        tl.store(scal_ptr + b * stride_scal + four, rs)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["slot", "n_valid"])
 def _broyden_update_kernel(x_ptr, g_ptr, g_old_ptr, dx_ptr, U_ptr, V_ptr, abc_ptr, scal_ptr,
-                           best_ptr, improved_ptr, active_ptr, slot, n_valid, D, L, stride_x,
-                           stride_g, stride_go, stride_dx, stride_Ub, stride_Ul, stride_Vb,
-                           stride_Vl, stride_abc, stride_scal, stride_best, L_PAD: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
-    """Pass 2 for sample ``b = program_id(0)`` (``a, b, c`` from ``abc``, ``s = slot``)::
+                           best_ptr, improved_ptr, active_ptr, slot, n_valid, D, L, chunk_d,
+                           stride_x, stride_g, stride_go, stride_dx, stride_Ub, stride_Ul,
+                           stride_Vb, stride_Vl, stride_abc, stride_scal, stride_best,
+                           L_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pass 2 for sample ``b = program_id(0)`` on the columns of chunk ``program_id(1)`` (``a, b,
+    c`` from ``abc``, ``s = slot``)::
 
         best[b] = x[b]                                       if improved[b]
         <v, g> = <a, b> - <dx, g>;   den = <v, dg> = <a, c> - <dx, dg>
@@ -111,15 +161,17 @@ def _broyden_update_kernel(x_ptr, g_ptr, g_old_ptr, dx_ptr, U_ptr, V_ptr, abc_pt
 
     Accumulation: ``abc``'s dtype (the reference rounds intermediate products to the state dtype
     for half states: half results agree to half precision). ``x += dx`` adds the stored
-    (state-dtype) ``dx``, as the reference does. A barrier before each chunk's stores orders them
-    after every thread's loads of ``dx``/``U[s]``/``V[s]`` (the new ``dx`` does not depend on the
-    old one, so no data dependency orders them otherwise).
+    (state-dtype) ``dx``, as the reference does. Each step loads everything first; a barrier
+    orders its stores after every thread's loads of ``x``/``dx``/``U[s]``/``V[s]`` (the new ``dx``
+    does not depend on the old one, so no data dependency orders them otherwise).
     Bytes: read x, g, g_old, dx, n_valid rows of U and V (U once for both sums); write U[s], V[s],
     dx, x -> ``(2·n_valid + 8)·B·D·size`` (+ B·D·size for the best copy of improved samples).
     """
     ACC = scal_ptr.dtype.element_ty
     DT = x_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
+    start = tl.program_id(1) * chunk_d
+    end = tl.minimum(start + chunk_d, D)
     rows = tl.arange(0, L_PAD)
     cols = tl.arange(0, BLOCK_D)
     rm = rows < n_valid
@@ -132,11 +184,10 @@ def _broyden_update_kernel(x_ptr, g_ptr, g_old_ptr, dx_ptr, U_ptr, V_ptr, abc_pt
     b_s = tl.sum(tl.where(rows == slot, bb, 0.0), axis=0)       # 0 until the ring wraps
     imp = tl.load(improved_ptr + b) != 0
     act = tl.load(active_ptr + b) != 0
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(start, end, BLOCK_D):
         offs = d0 + cols
-        dm = offs < D
+        dm = offs < end
         xv = tl.load(x_ptr + b * stride_x + offs, mask=dm, other=0.0)
-        tl.store(best_ptr + b * stride_best + offs, xv, mask=dm & imp)
         ga = tl.load(g_ptr + b * stride_g + offs, mask=dm, other=0.0).to(ACC)
         dga = ga - tl.load(g_old_ptr + b * stride_go + offs, mask=dm, other=0.0).to(ACC)
         da = tl.load(dx_ptr + b * stride_dx + offs, mask=dm, other=0.0).to(ACC)
@@ -157,6 +208,7 @@ def _broyden_update_kernel(x_ptr, g_ptr, g_old_ptr, dx_ptr, U_ptr, V_ptr, abc_pt
         upd = nhg - vg * u + b_s * u_old
         dxn = tl.where(act, upd, 0.0).to(DT)
         tl.debug_barrier()
+        tl.store(best_ptr + b * stride_best + offs, xv, mask=dm & imp)
         # a stopped sample keeps its factors (returned for the backward pass) and stays put
         tl.store(U_ptr + b * stride_Ub + slot * stride_Ul + offs, u.to(DT), mask=dm & act)
         tl.store(V_ptr + b * stride_Vb + slot * stride_Vl + offs, v.to(DT), mask=dm & act)
@@ -173,6 +225,8 @@ def _check_rings(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, abc: torch.T
     if not isinstance(U, torch.Tensor) or U.dim() != 3 or U.shape[1] < 1:
         raise ValueError(f"U must be a [B, L, D] tensor with L >= 1, got {getattr(U, 'shape', U)}")
     L = U.shape[1]
+    if L > MAX_L:
+        raise ValueError(f"U must have L <= {MAX_L} ring slots, got L={L}")
     acc = acc_dtype_of(x.dtype)
     check("x", x, (B, D), x.dtype, x.device)
     check("U", U, (B, L, D), x.dtype, x.device)
@@ -184,11 +238,8 @@ def _check_rings(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, abc: torch.T
     return B, D, L
 
 
-@functools.lru_cache(maxsize=None)
-def _launch_cfg(D: int, L: int) -> dict:
-    Lp = rows_pad(L)
-    # 8 warps from L_PAD = 32 on: with 4 the sm_90 cubin spills (cuobjdump --dump-resource-usage)
-    return dict(L_PAD=Lp, BLOCK_D=block_d(D, Lp), num_warps=8 if Lp >= 32 else 4)
+def _plan_for(x: torch.Tensor, L: int) -> Plan:
+    return launch_plan(x.shape[0], x.shape[1], L, x.element_size(), sm_count(x.device))
 
 
 def broyden_dots(x: torch.Tensor, fx: torch.Tensor, g_old: torch.Tensor, g: torch.Tensor,
@@ -201,7 +252,8 @@ def broyden_dots(x: torch.Tensor, fx: torch.Tensor, g_old: torch.Tensor, g: torc
         g_old: ``[B, D]`` the previous residual (read; a different buffer from ``g``).
         g: ``[B, D]`` output residual ``fx - x``.
         dx: ``[B, D]`` the previous step (the one taken, after any line search).
-        U, V: ``[B, L, D]`` rings of the rank-1 factors; rows ``>= n_valid`` are zero.
+        U, V: ``[B, L, D]`` rings of the rank-1 factors, ``L <= 256``; rows ``>= n_valid`` are
+            zero.
         abc: ``[B, 3, L]`` output ``a = U dx``, ``b = V g``, ``c = V (g - g_old)`` (float32;
             float64 for float64 states).
         scal: ``[B, 4]`` output ``[<dx, g>, <dx, g - g_old>, ||g||^2, ||fx||^2]``.
@@ -229,10 +281,15 @@ def broyden_dots(x: torch.Tensor, fx: torch.Tensor, g_old: torch.Tensor, g: torc
     if not 0 <= n_valid <= L:
         raise ValueError(f"n_valid must satisfy 0 <= n_valid <= L = {L}, got {n_valid}")
     fx = unit_inner(fx)
-    _broyden_dots_kernel[(B,)](
-        x, fx, g_old, g, dx, U, V, abc, scal, n_valid, D, L, x.stride(0), fx.stride(0),
-        g_old.stride(0), g.stride(0), dx.stride(0), U.stride(0), U.stride(1), V.stride(0),
-        V.stride(1), abc.stride(0), scal.stride(0), **_launch_cfg(D, L))
+    p = _plan_for(x, L)
+    part = torch.empty(B, p.chunks, 3 * p.ROWS_PAD + 4, dtype=abc.dtype, device=x.device)
+    with device_guard(x.device):
+        _broyden_dots_kernel[p.grid](
+            x, fx, g_old, g, dx, U, V, abc, scal, part, tickets(x.device, B), n_valid, D, L,
+            p.chunk_d, p.chunks, x.stride(0), fx.stride(0), g_old.stride(0), g.stride(0),
+            dx.stride(0), U.stride(0), U.stride(1), V.stride(0), V.stride(1), abc.stride(0),
+            scal.stride(0), part.stride(0),
+            L_PAD=p.ROWS_PAD, BLOCK_D=p.BLOCK_D, num_warps=p.num_warps)
 
 
 def broyden_update(x: torch.Tensor, g: torch.Tensor, g_old: torch.Tensor, dx: torch.Tensor,
@@ -280,8 +337,10 @@ def broyden_update(x: torch.Tensor, g: torch.Tensor, g_old: torch.Tensor, dx: to
         raise ValueError(f"slot must satisfy 0 <= slot < L = {L}, got {slot}")
     if not 0 <= n_valid <= L:
         raise ValueError(f"n_valid must satisfy 0 <= n_valid <= L = {L}, got {n_valid}")
-    _broyden_update_kernel[(B,)](
-        x, g, g_old, dx, U, V, abc, scal, best, improved, active, slot, n_valid, D, L,
-        x.stride(0), g.stride(0), g_old.stride(0), dx.stride(0), U.stride(0), U.stride(1),
-        V.stride(0), V.stride(1), abc.stride(0), scal.stride(0), best.stride(0),
-        **_launch_cfg(D, L))
+    p = _plan_for(x, L)
+    with device_guard(x.device):
+        _broyden_update_kernel[p.grid](
+            x, g, g_old, dx, U, V, abc, scal, best, improved, active, slot, n_valid, D, L,
+            p.chunk_d, x.stride(0), g.stride(0), g_old.stride(0), dx.stride(0), U.stride(0),
+            U.stride(1), V.stride(0), V.stride(1), abc.stride(0), scal.stride(0), best.stride(0),
+            L_PAD=p.ROWS_PAD, BLOCK_D=p.BLOCK_D, num_warps=p.num_warps)

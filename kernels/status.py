@@ -14,12 +14,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check
+from ._common import check, device_guard
 
-__all__ = ["track_status"]
+__all__ = ["track_status", "block_b"]
 
 
-@triton.jit
+def block_b(B: int) -> int:
+    """Batch entries per loop step of the single ``track_status`` program (grid ``(1,)``)."""
+    return min(1024, max(16, triton.next_power_of_2(B)))
+
+
+@triton.jit(do_not_specialize=["t"])
 def _track_status_kernel(sq_ptr, lowest_ptr, best_step_ptr, trace_ptr, active_ptr, improved_ptr,
                          B, t, step, tol, stop_idx, whole_batch, stop_together, always_update,
                          rel_eps, stride_sq, stride_lowest, stride_best_step, stride_trace_t,
@@ -157,8 +162,9 @@ def track_status(sq: torch.Tensor, lowest: torch.Tensor, best_step: torch.Tensor
         raise ValueError(f"stop_idx must be 0 or 1, got {stop_idx}")
     if math.isnan(tol):
         raise ValueError("tol must not be NaN")
-    _track_status_kernel[(1,)](
-        sq, lowest, best_step, trace, active, improved, B, t, float(step), float(tol), stop_idx,
-        bool(whole_batch), bool(stop_together), bool(always_update), float(rel_eps),
-        sq.stride(0), lowest.stride(0), best_step.stride(0), trace.stride(0), trace.stride(1),
-        BLOCK_B=min(1024, max(16, triton.next_power_of_2(B))), num_warps=4)
+    with device_guard(dev):
+        _track_status_kernel[(1,)](
+            sq, lowest, best_step, trace, active, improved, B, t, float(step), float(tol),
+            stop_idx, bool(whole_batch), bool(stop_together), bool(always_update),
+            float(rel_eps), sq.stride(0), lowest.stride(0), best_step.stride(0), trace.stride(0),
+            trace.stride(1), BLOCK_B=block_b(B), num_warps=4)

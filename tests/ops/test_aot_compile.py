@@ -31,8 +31,10 @@ CASES = [(op, state) for op in OPS for state in STATE_TYPES
          if not (op == "track_status" and state in ("bf16", "fp16"))]
 
 # pointer arguments by role (every kernel names its pointers *_ptr)
-ACC_PTRS = {"gram_ptr", "sq_ptr", "abc_ptr", "scal_ptr", "lowest_ptr", "best_step_ptr", "trace_ptr"}
+ACC_PTRS = {"gram_ptr", "sq_ptr", "abc_ptr", "scal_ptr", "lowest_ptr", "best_step_ptr", "trace_ptr",
+            "part_ptr"}
 BOOL_PTRS = {"improved_ptr", "active_ptr"}
+INT_PTRS = {"ticket_ptr"}
 FLOAT_ARGS = {"lam", "beta", "step", "tol", "rel_eps", "tau"}
 BOOL_ARGS = {"scaled", "keep_f", "whole_batch", "stop_together", "always_update"}
 
@@ -44,7 +46,8 @@ def signature(arg_names, state: str, acc: str, constexprs: dict) -> dict:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = "*" + ("i1" if name in BOOL_PTRS else acc if name in ACC_PTRS else state)
+            sig[name] = "*" + ("i1" if name in BOOL_PTRS else "i32" if name in INT_PTRS
+                               else acc if name in ACC_PTRS else state)
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"
         elif name in BOOL_ARGS:
@@ -60,20 +63,18 @@ def compile_all() -> dict:
     from triton.compiler import ASTSource
 
     import deq_fast.kernels as K
-    from deq_fast.kernels import _common
-    from deq_fast.kernels.broyden import _launch_cfg
+    from deq_fast.kernels import anderson, broyden, fixed_point
 
-    # a typical problem: D = 4096, Anderson m = 6, Broyden L = 30, B = 256
-    m_pad, broyden = _common.rows_pad(6), _launch_cfg(4096, 30)
+    # a typical problem: D = 4096, Anderson m = 6, Broyden L = 30, B = 256 (fp32 plans, H100)
+    am, br, fp = (anderson.launch_plan(256, 4096, 6, 4, 132),
+                  broyden.launch_plan(256, 4096, 30, 4, 132), fixed_point.launch_plan(256, 4096, 4, 132))
     configs = {
-        "anderson_residual": (dict(M_PAD=m_pad, BLOCK_D=_common.block_d(4096, m_pad)), 4),
-        "anderson_mix": (dict(M_PAD=m_pad, BLOCK_D=_common.block_d(4096, m_pad)), 4),
-        "broyden_dots": (dict(L_PAD=broyden["L_PAD"], BLOCK_D=broyden["BLOCK_D"]),
-                         broyden["num_warps"]),
-        "broyden_update": (dict(L_PAD=broyden["L_PAD"], BLOCK_D=broyden["BLOCK_D"]),
-                           broyden["num_warps"]),
-        "residual_norms": (dict(DAMPED=True, BLOCK_D=_common.block_d(4096)), 4),
-        "fixed_point_advance": (dict(DAMPED=True, BLOCK_D=_common.block_d(4096)), 4),
+        "anderson_residual": (dict(M_PAD=am.ROWS_PAD, BLOCK_D=am.BLOCK_D), am.num_warps),
+        "anderson_mix": (dict(M_PAD=am.ROWS_PAD, BLOCK_D=am.BLOCK_D), am.num_warps),
+        "broyden_dots": (dict(L_PAD=br.ROWS_PAD, BLOCK_D=br.BLOCK_D), br.num_warps),
+        "broyden_update": (dict(L_PAD=br.ROWS_PAD, BLOCK_D=br.BLOCK_D), br.num_warps),
+        "residual_norms": (dict(DAMPED=True, BLOCK_D=fp.BLOCK_D), fp.num_warps),
+        "fixed_point_advance": (dict(DAMPED=True, BLOCK_D=fp.BLOCK_D), fp.num_warps),
         "track_status": (dict(BLOCK_B=256), 4),
     }
     assert set(configs) == set(K.KERNELS) == set(OPS)

@@ -31,3 +31,10 @@ def test_kernel_examples(name: str) -> None:
 
 def test_every_kernel_module_is_covered() -> None:
     assert MODULES == ["anderson", "broyden", "fixed_point", "status"]
+
+
+def test_launch_plan_examples() -> None:
+    """The shared launch-plan helpers (``_common``: private, so not in ``MODULES``)."""
+    from deq_fast.kernels import _common
+    result = doctest.testmod(_common, report=True)
+    assert result.attempted > 0 and result.failed == 0

@@ -6,6 +6,11 @@ fresh random tensors (seeded per case), odd ``D``, ``B`` in {1, 3}, histories no
 full/wrapped, every state dtype with an explicit tolerance. Outputs a kernel must write are filled
 with NaN first, so an element it forgets fails the comparison. Shapes stay small: the interpreter
 costs about 0.5 ms per program instance and per op.
+
+Split-D grids: every test here runs under a forced plan of ``BLOCK_D = 16`` and 32 columns per
+program (``SMALL_PLAN``), so ``D = 37`` is 2 chunks (the second a 5-column tail) and ``D = 130``
+is 5 (a 2-column tail), each chunk two loop steps; ``test_natural_plan_*`` run the plans the
+launchers pick by themselves (B = 1: several chunks per sample).
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import triton  # noqa: E402, F401  (a declared test dependency: imported, never 
 
 import deq_fast  # noqa: E402
 import deq_fast.kernels as K  # noqa: E402
+from deq_fast.kernels import _common  # noqa: E402
 from deq_fast.ops import table  # noqa: E402
 from deq_fast.ops.table import REFERENCE as R  # noqa: E402
 from deq_fast.testing import (  # noqa: E402
@@ -41,6 +47,17 @@ from deq_fast.testing import (  # noqa: E402
 )
 
 DTYPES = list(KERNEL_TOL)   # max |kernel - reference| / max(|reference|, 1) per state dtype
+SMALL_PLAN = dict(block_d=16, chunk_d=32)
+
+
+@pytest.fixture(autouse=True)
+def _small_plan(request):
+    """Several chunks per sample, with tails, at interpreter-sized shapes (module docstring)."""
+    if request.node.name.startswith(("test_plan", "test_natural_plan", "test_forced_plan")):
+        yield
+        return
+    with _common.forced_plan(**SMALL_PLAN):
+        yield
 
 
 def _gen(*key) -> Draws:
@@ -206,10 +223,13 @@ def test_anderson_mix_lam_and_beta_matter():
         assert max_err(got, base) > 100 * KERNEL_TOL[torch.float32], (lam, scaled, beta)
 
 
-def test_anderson_long_history_takes_the_reference():
-    """m > 16: the registered op falls back to the reference instead of failing."""
+@pytest.mark.parametrize("method,history", [("anderson", dict(m=17)), ("broyden", dict(memory=257))],
+                         ids=["anderson-m17", "broyden-L257"])
+def test_long_history_takes_the_reference(method, history):
+    """Anderson m > 16, Broyden L > 256: the registered ops fall back to the reference instead
+    of failing."""
     f, x0 = _problem(B=1, D=19)
-    kw = dict(method="anderson", max_iter=3, tol=0.0, m=17)
+    kw = dict(method=method, max_iter=3, tol=0.0, **history)
     got = deq_fast.solve(f, x0, backend="triton", **kw)
     want = deq_fast.solve(f, x0, backend="reference", **kw)
     assert max_err(got.z, want.z) == 0.0
@@ -341,6 +361,10 @@ def test_launchers_validate_arguments():
         K.residual_norms(x, x, torch.zeros(2, 2, dtype=torch.float64, device=DEVICE))
     with pytest.raises(ValueError, match="fx"):
         K.residual_norms(x, torch.zeros(2, 36, device=DEVICE), torch.zeros(2, 2, device=DEVICE))
+    U = torch.zeros(2, 257, 37, device=DEVICE)
+    with pytest.raises(ValueError, match="L <= 256"):
+        K.broyden_dots(x, x, x, x.clone(), x, U, U, torch.zeros(2, 3, 257, device=DEVICE),
+                       torch.zeros(2, 4, device=DEVICE), 0)
     F = torch.zeros(2, 17, 37, device=DEVICE)
     with pytest.raises(ValueError, match="m <= 16"):
         K.anderson_residual(x, x, F, F, torch.zeros(2, 17, 17, device=DEVICE),
@@ -516,3 +540,267 @@ def test_selftest_table(monkeypatch):
     monkeypatch.setattr(K, "residual_norms", broken)
     rows = selftest.run_kernel_checks(DEVICE, [(1, 37)], ops=("residual_norms",))
     assert not any(r[5] for r in rows)
+
+
+# ------------------------------------------------------------------------- split-D launch plans
+PLAN_SHAPES = [(B, D) for B in (1, 8, 32, 128) for D in (65536, 196608, 524288)]
+ROWS = {"anderson": (1, 5, 16), "broyden": (1, 8, 30, 64, 200), "fixed_point": (0,)}
+
+
+def _plans(sms=132):
+    """Every module's plan over the issue's shapes, ring lengths and element sizes."""
+    from deq_fast.kernels import anderson, broyden, fixed_point
+    for B, D in PLAN_SHAPES + [(3, 37), (1, 1000), (1024, 4096)]:
+        for size in (2, 4, 8):
+            for m in ROWS["anderson"]:
+                yield "anderson", B, D, m, size, 2, anderson.launch_plan(B, D, m, size, sms)
+            for L in ROWS["broyden"]:
+                yield "broyden", B, D, L, size, 5, broyden.launch_plan(B, D, L, size, sms)
+            yield "fixed_point", B, D, 0, size, 2, fixed_point.launch_plan(B, D, size, sms)
+
+
+@pytest.mark.parametrize("sms", [132, 108], ids=["H100", "A100"])
+def test_plans_cover_d_and_fit_registers(sms):
+    """Chunks tile ``[0, D)`` exactly (whole ``BLOCK_D`` steps, one tail at most) and the live
+    tiles stay within the register budget (no spills by construction)."""
+    for kind, B, D, rows, size, tiles, p in _plans(sms):
+        assert p.grid == (B, p.chunks), (kind, B, D)
+        assert p.chunk_d % p.BLOCK_D == 0 and (p.chunks - 1) * p.chunk_d < D <= p.chunks * p.chunk_d
+        assert p.BLOCK_D & (p.BLOCK_D - 1) == 0 and p.BLOCK_D >= _common.MIN_BLOCK_D
+        assert p.ROWS_PAD == (_common.rows_pad(rows) if rows else 1)
+        regs = tiles * p.ROWS_PAD * p.BLOCK_D * (2 if size == 8 else 1) / (32 * p.num_warps)
+        smallest = p.BLOCK_D == _common.MIN_BLOCK_D and p.num_warps == _common.MAX_WARPS
+        assert regs <= _common.REG_BUDGET or (smallest and rows <= 256), (kind, rows, size, p)
+        # warps along D: no more warps than BLOCK_D holds with 16-byte vectors, unless half as
+        # many would exceed the register budget
+        if p.BLOCK_D >= 32 * (16 // size):
+            assert p.num_warps * 32 * (16 // size) <= p.BLOCK_D or 2 * regs > _common.REG_BUDGET, p
+
+
+def test_plans_fill_the_gpu():
+    """Every SM holds several programs for the issue's shapes, B = 1 included, and the grid does
+    not grow past about PROGRAMS_PER_SM per SM once the batch alone fills the GPU."""
+    for kind, B, D, rows, size, tiles, p in _plans():
+        if (B, D) in PLAN_SHAPES:
+            assert p.programs_per_sm(132) >= 3.8, (kind, B, D, rows, size, p)
+            assert p.chunks == 1 or p.programs_per_sm(132) < 2 * _common.PROGRAMS_PER_SM, p
+
+
+def test_plan_at_b1_spreads_one_sample():
+    p = _common.plan(1, 65536, 4, 132, rows=6)
+    assert p.grid == (1, 512) and p.BLOCK_D == 128 and p.chunk_d == 128 and p.num_warps == 1
+    big = _common.plan(2048, 65536, 4, 132, rows=6)      # the batch fills the GPU: one chunk
+    assert big.grid == (2048, 1) and big.chunk_d >= 65536
+
+
+def test_forced_plan_validates_and_restores():
+    with pytest.raises(ValueError, match="block_d"):
+        with _common.forced_plan(block_d=24, chunk_d=48):
+            pass
+    natural = _common.plan(3, 37, 4, 132)
+    with _common.forced_plan(block_d=16, chunk_d=48):
+        assert _common.plan(3, 37, 4, 132).grid == (3, 1)
+        with _common.forced_plan(block_d=16, chunk_d=16):
+            assert _common.plan(3, 37, 4, 132).grid == (3, 3)
+        assert _common.plan(3, 37, 4, 132).chunk_d == 48
+    assert _common.plan(3, 37, 4, 132) == natural
+
+
+def test_small_plan_is_in_force():
+    """The fixture's forced plan reaches the launchers: D = 130 is 5 chunks of 32."""
+    from deq_fast.kernels import anderson
+    p = anderson.launch_plan(3, 130, 5, 4, _common.sm_count(torch.device(DEVICE)))
+    assert p.grid == (3, 5) and p.BLOCK_D == 16
+
+
+def _natural_args(dtype, B=1, D=1000, m=5):
+    """Arguments of every launcher at a shape whose own plan has several chunks per sample."""
+    gen = _gen("natural", dtype, B, D)
+    acc = acc_dtype(dtype)
+    F, G, gram = _anderson_state(gen, B, D, m, m - 1, dtype)
+    U, V = _broyden_state(gen, B, D, m, m - 1, dtype)
+    x, fx, best = (gen.randn((B, D), dtype) for _ in range(3))
+    g_old, dx = gen.randn((B, D), dtype), gen.randn((B, D), dtype, 0.3)
+    flags = torch.ones(B, dtype=torch.bool, device=DEVICE)
+    abc, scal = torch.zeros(B, 3, m, dtype=acc, device=DEVICE), nan_empty((B, 4), acc, DEVICE)
+    R.broyden_dots(x, fx, g_old, torch.empty_like(x), dx, U, V, abc, scal, m - 1)
+    abc_out = torch.zeros_like(abc)
+    abc_out[:, :, :m - 1] = NAN                       # written entries (the rest stay zero)
+    return {
+        "anderson_residual": ((x, fx, F, G, gram, nan_empty((B, 2), acc, DEVICE), m - 1),
+                              ["F", "G", "gram", "sq"], (2, 3, 4, 5)),
+        "anderson_mix": ((F, G, gram, x.clone(), best, flags, m - 1, m - 2, 1e-4, True, 0.7,
+                          False), ["x", "best"], (3, 4)),
+        "broyden_dots": ((x, fx, g_old, nan_empty((B, D), dtype, DEVICE), dx, U, V,
+                          abc_out, nan_empty((B, 4), acc, DEVICE), m - 1),
+                         ["g", "abc", "scal"], (3, 7, 8)),
+        "broyden_update": ((x.clone(), fx - x, g_old, dx.clone(), U.clone(), V.clone(), abc, scal,
+                            best.clone(), flags, flags, m - 1, m - 1),
+                           ["x", "dx", "U", "V", "best"], (0, 3, 4, 5, 8)),
+        "residual_norms": ((x, fx, nan_empty((B, 2), acc, DEVICE), 0.8), ["sq"], (2,)),
+        "fixed_point_advance": ((x.clone(), fx, best.clone(), flags, flags, 0.8),
+                                ["x", "best"], (0, 2)),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_natural_plan_launchers_equal_reference(dtype):
+    """The launchers' own plans (no override) at B = 1, D = 1000: several chunks with a tail,
+    equal to the reference; the last-arrival tickets are left at zero for the next launch."""
+    cases = _natural_args(dtype)
+    for name, (args, names, out) in cases.items():
+        p = _plan_of(name, args)
+        assert p.chunks >= 4 and 1000 % p.chunk_d != 0, (name, p)
+        got, want = list(_clone(args)), list(_clone(args))
+        getattr(K, name)(*got)
+        getattr(R, name)(*want)
+        assert_outputs(names, [got[i] for i in out], [want[i] for i in out], KERNEL_TOL[dtype])
+        assert not _common.tickets(torch.device(DEVICE), 1).any(), name
+
+
+def _plan_of(name, args):
+    from deq_fast.kernels import anderson, broyden, fixed_point
+    x = args[3] if name == "anderson_mix" else args[0]
+    B, D, size, sms = x.shape[0], x.shape[1], x.element_size(), _common.sm_count(x.device)
+    if name.startswith("anderson"):
+        return anderson.launch_plan(B, D, args[2 if name == "anderson_residual" else 0].shape[1],
+                                    size, sms)
+    if name.startswith("broyden"):
+        return broyden.launch_plan(B, D, args[5 if name == "broyden_dots" else 4].shape[1], size,
+                                   sms)
+    return fixed_point.launch_plan(B, D, size, sms)
+
+
+@pytest.mark.parametrize("method", ["anderson", "broyden", "fixed_point"])
+def test_natural_plan_solve_equals_reference(method):
+    """A whole solve at B = 1 with the launchers' own multi-chunk plans."""
+    f, x0 = _problem(B=1, D=600)
+    kw = dict(method=method, max_iter=6, tol=1e-6, m=4)
+    got = deq_fast.solve(f, x0, backend="triton", **kw)
+    want = deq_fast.solve(f, x0, backend="reference", **kw)
+    assert _common.plan(1, 600, 4, _common.sm_count(x0.device)).chunks >= 4
+    assert max_err(got.z, want.z) <= 1e-5
+    assert max_err(got.rel_trace, want.rel_trace) <= 1e-5
+
+
+# ------------------------------------------------------------------------------- device guard
+class _Recorder:
+    """A device guard stand-in: records the device it is entered with and whether a kernel was
+    launched while it was entered."""
+
+    def __init__(self):
+        self.entered, self.inside, self.launched_inside = [], False, []
+
+    def guard(self, device):
+        rec = self
+
+        class _Ctx:
+            def __enter__(self):
+                rec.entered.append(device)
+                rec.inside = True
+
+            def __exit__(self, *exc):
+                rec.inside = False
+
+        return _Ctx()
+
+    def spy(self, kernel):
+        rec = self
+
+        class _Spy:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    rec.launched_inside.append(rec.inside)
+                    return kernel[grid](*args, **kwargs)
+                return launch
+
+        return _Spy()
+
+
+@pytest.mark.parametrize("name", list(K.KERNELS))
+def test_every_launch_is_inside_the_device_guard(name, monkeypatch):
+    """Each launcher enters the device guard with its tensors' device around its launch."""
+    from deq_fast.kernels import anderson, broyden, fixed_point, status
+    rec = _Recorder()
+    for mod in (anderson, broyden, fixed_point, status):
+        monkeypatch.setattr(mod, "device_guard", rec.guard)
+        for kname, kernel in K.KERNELS.items():
+            attr = kernel.fn.__name__ if hasattr(kernel, "fn") else None
+            if attr and hasattr(mod, attr):
+                monkeypatch.setattr(mod, attr, rec.spy(getattr(mod, attr)))
+    args = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in _op_args()[name])
+    getattr(K, name)(*args)
+    assert rec.entered == [torch.device(DEVICE)] and rec.launched_inside == [True]
+
+
+def test_device_guard_selects_the_tensors_cuda_device(monkeypatch):
+    """On CUDA the guard is ``torch.cuda.device(<the tensors' device>)`` (cuda:1 here, mocked:
+    no GPU needed); on the CPU (interpreter) it changes nothing."""
+    entered = []
+
+    class FakeCudaDevice:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", FakeCudaDevice)
+    with _common.device_guard(torch.device("cuda", 1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    with _common.device_guard(torch.device("cpu")):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+def _not_specialised(kernel) -> set:
+    """Argument names a kernel does not specialise (interpreted: its jit kwargs; compiled: the
+    JITFunction's indices or names)."""
+    raw = getattr(kernel, "kwargs", {}).get("do_not_specialize") if hasattr(kernel, "kwargs") \
+        else kernel.do_not_specialize
+    return {kernel.arg_names[a] if isinstance(a, int) else a for a in (raw or ())}
+
+
+def test_plan_uses_the_devices_sm_count(monkeypatch):
+    """CUDA tensors: the SM count of their device (mocked: an A100 as cuda:1); CPU tensors: the
+    default (an H100's 132)."""
+    asked = []
+
+    def props(device):
+        asked.append(device)
+        return type("Props", (), {"multi_processor_count": 108})()
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    _common.sm_count.cache_clear()
+    try:
+        assert _common.sm_count(torch.device("cuda", 1)) == 108
+        assert _common.sm_count(torch.device("cpu")) == _common.DEFAULT_SM_COUNT == 132
+    finally:
+        _common.sm_count.cache_clear()
+    assert asked == [torch.device("cuda", 1)]
+
+
+def test_per_iteration_integers_are_not_specialised():
+    """``slot``/``n``/``newest``/``n_valid``/``t`` change every iteration: one compile serves all."""
+    want = {"anderson_residual": {"slot"}, "anderson_mix": {"n", "newest"},
+            "broyden_dots": {"n_valid"}, "broyden_update": {"slot", "n_valid"},
+            "track_status": {"t"}, "residual_norms": set(), "fixed_point_advance": set()}
+    assert set(want) == set(K.KERNELS)
+    for name, params in want.items():
+        assert _not_specialised(K.KERNELS[name]) == params, name
+
+
+def test_anderson_mix_rejects_strided_x():
+    """``x`` is written with unit inner stride: a transposed view is refused, naming ``x``."""
+    B, D, m = 3, 37, 2
+    F, G = torch.zeros(B, m, D, device=DEVICE), torch.zeros(B, m, D, device=DEVICE)
+    gram = torch.zeros(B, m, m, device=DEVICE)
+    x = torch.zeros(D, B, device=DEVICE).t()
+    flags = torch.zeros(B, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="^x must have unit stride"):
+        K.anderson_mix(F, G, gram, x, torch.zeros(B, D, device=DEVICE), flags, 1, 0, 1e-4, True,
+                       1.0, False)
