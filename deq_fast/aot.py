@@ -1,0 +1,383 @@
+"""Record the Triton launches deq_fast makes and compile them ahead of time for real GPUs.
+
+A tool (top of the layer stack) for machines without a GPU. Three steps:
+
+1. :func:`record_launches` intercepts every Triton kernel launch (``kernel[grid](...)`` ends in
+   ``run`` of Triton's ``JITFunction`` or, under ``TRITON_INTERPRET=1``, ``InterpretedFunction``)
+   and keeps a :class:`Launch`: the kernel, its grid, every argument (a tensor as its dtype and
+   its byte offset in its allocation, the only facts of a pointer Triton specialises on) and the
+   keyword arguments (constexprs, ``num_warps``). The launches still run unless ``execute=False``.
+2. :func:`specialize` computes, with Triton's own binder (``create_function_from_signature`` and
+   ``JITFunction._pack_args``, the code ``JITFunction.run`` calls), the signature, constexprs and
+   attributes the runtime would compile for that call on a given target: pointers typed by their
+   dtype, integers as ``i32``/``i64`` by value, an integer equal to 1 turned into a constexpr,
+   ``tt.divisibility=16`` hints for 16-aligned pointers and multiples of 16, and none of these for
+   parameters in the kernel's ``do_not_specialize``. Its ``key`` is the runtime's cache key: two
+   calls with the same key share one compiled kernel.
+3. :func:`compile_launches` compiles each distinct variant with ``triton.compile`` for
+   ``GPUTarget("cuda", arch, 32)`` in a subprocess without ``TRITON_INTERPRET`` (once the
+   interpreter has been imported, ``tl.sum`` and friends are interpreter objects that the compiler
+   rejects) and a fresh Triton cache, and reads :class:`CompileFacts` from the result: registers
+   and local memory per thread (``cuobjdump --dump-resource-usage`` on the cubin; Triton kernels
+   have no local arrays, so local memory is spill space), shared memory, ``num_warps`` and the
+   number of dependent load round trips in the kernel's main loop (:func:`load_round_trips`).
+
+Example (CPU; the compile step takes about a second per variant):
+    >>> with record_launches() as launches:                     # doctest: +SKIP
+    ...     deq_fast.solve(f, x0, method="anderson", max_iter=3, backend="triton")
+    >>> facts = compile_launches(launches, archs=(90,))         # doctest: +SKIP
+    >>> facts[0].n_regs, facts[0].spill_bytes                   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+__all__ = ["TensorArg", "Launch", "Specialization", "CompileFacts", "record_launches",
+           "specialize", "compile_launch", "compile_launches", "load_round_trips"]
+
+
+@dataclass(frozen=True)
+class TensorArg:
+    """A tensor argument as Triton's specialisation sees it.
+
+    ``offset`` is the byte offset of the tensor's first element in its allocation: GPU
+    allocations start at least 256-byte aligned, so ``offset % 16`` decides the alignment hint
+    on the GPU whatever the recording device was.
+    """
+    dtype: str
+    offset: int
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "TensorArg":
+        return cls(str(t.dtype).removeprefix("torch."), t.storage_offset() * t.element_size())
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def as_pointer(self) -> "_Pointer":
+        return _Pointer(self.torch_dtype, self.offset)
+
+
+@dataclass(frozen=True)
+class _Pointer:
+    """What Triton's binder reads of a tensor argument: ``dtype`` and ``data_ptr()``."""
+    dtype: torch.dtype
+    address: int
+
+    def data_ptr(self) -> int:
+        return self.address
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One recorded kernel launch (JSON-serialisable with :meth:`to_json` / :meth:`from_json`)."""
+    kernel: str                  # the kernel function's name, e.g. "_anderson_mix_kernel"
+    module: str                  # the module holding it, e.g. "deq_fast.kernels.anderson"
+    grid: tuple
+    args: tuple                  # positional values: TensorArg, int, float, bool, None
+    kwargs: tuple                # sorted (name, value) pairs: constexprs and launch options
+
+    @property
+    def options(self) -> dict:
+        return dict(self.kwargs)
+
+    @property
+    def num_warps(self) -> int:
+        return int(self.options.get("num_warps", 4))
+
+    @property
+    def dtypes(self) -> tuple:
+        """The dtypes of the tensor arguments, in order (the first one names the variant)."""
+        return tuple(a.dtype for a in self.args if isinstance(a, TensorArg))
+
+    @property
+    def programs(self) -> int:
+        n = 1
+        for g in self.grid:
+            n *= int(g)
+        return n
+
+    def bound(self) -> dict:
+        """Argument name -> value (positional and keyword), as the kernel receives them."""
+        names = list(inspect.signature(_python_function(self)).parameters)
+        out = dict(zip(names, self.args))
+        out.update((k, v) for k, v in self.kwargs if k in names)
+        return out
+
+    def to_json(self) -> dict:
+        enc = [{"tensor": a.dtype, "offset": a.offset} if isinstance(a, TensorArg) else a
+               for a in self.args]
+        return {"kernel": self.kernel, "module": self.module, "grid": list(self.grid),
+                "args": enc, "kwargs": [list(kv) for kv in self.kwargs]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Launch":
+        args = tuple(TensorArg(a["tensor"], a["offset"]) if isinstance(a, dict) else a
+                     for a in d["args"])
+        return cls(d["kernel"], d["module"], tuple(d["grid"]), args,
+                   tuple((k, v) for k, v in d["kwargs"]))
+
+
+def _kernel_object(launch: Launch):
+    return getattr(importlib.import_module(launch.module), launch.kernel)
+
+
+def _python_function(launch: Launch):
+    return _kernel_object(launch).fn
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return TensorArg.of(value)
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    raise TypeError(f"cannot record a kernel argument of type {type(value).__name__}")
+
+
+def _grid_tuple(kernel, grid, args: tuple, kwargs: dict) -> tuple:
+    if callable(grid):
+        names = list(inspect.signature(kernel.fn).parameters)
+        grid = grid({**dict(zip(names, args)), **kwargs})
+    return tuple(int(g) for g in grid)
+
+
+def _launch_classes() -> list:
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    return [JITFunction, InterpretedFunction]
+
+
+@contextlib.contextmanager
+def record_launches(execute: bool = True) -> Iterator[list]:
+    """Collect every Triton kernel launch inside the block as :class:`Launch` records.
+
+    Args:
+        execute: also run the launches (``False``: record only; outputs stay unwritten).
+
+    Yields:
+        The list the launches are appended to, in launch order.
+    """
+    launches: list = []
+    originals = {cls: cls.run for cls in _launch_classes()}
+
+    def recording(original):
+        def run(self, *args, grid, warmup, **kwargs):
+            if warmup:
+                return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+            launches.append(Launch(
+                kernel=self.fn.__name__, module=self.fn.__module__,
+                grid=_grid_tuple(self, grid, args, kwargs),
+                args=tuple(_encode(a) for a in args),
+                kwargs=tuple(sorted((k, _encode(v)) for k, v in kwargs.items()))))
+            if execute:
+                return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+            return None
+        return run
+
+    try:
+        for cls, original in originals.items():
+            cls.run = recording(original)
+        yield launches
+    finally:
+        for cls, original in originals.items():
+            cls.run = original
+
+
+@dataclass(frozen=True)
+class Specialization:
+    """What the Triton runtime compiles for one call on one target."""
+    signature: dict              # parameter name -> "*fp32", "i32", "i64", "u1", "constexpr", ...
+    constexprs: dict             # (index,) -> value
+    attrs: dict                  # (index,) -> [["tt.divisibility", 16]] or []
+    options: Any                 # the backend's parsed options (CUDAOptions)
+    key: str                     # the runtime's kernel cache key
+
+
+def _jit_function(launch: Launch):
+    """The kernel as a ``JITFunction`` (rebuilt from its Python function under the interpreter)."""
+    from triton.runtime.jit import JITFunction
+
+    kernel = _kernel_object(launch)
+    if isinstance(kernel, JITFunction):
+        return kernel
+    return JITFunction(kernel.fn, **kernel.kwargs)     # InterpretedFunction keeps jit's kwargs
+
+
+def specialize(launch: Launch, arch: int = 90) -> Specialization:
+    """The runtime's specialisation of ``launch`` for ``GPUTarget("cuda", arch, 32)``."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+
+    fn = _jit_function(launch)
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(launch.kwargs)
+    # the two options JITFunction.run adds before binding
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    args = [a.as_pointer() if isinstance(a, TensorArg) else a for a in launch.args]
+    bound, spec, options = binder(*args, **kwargs)
+    key = compute_cache_key({}, spec, options)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+    return Specialization(signature, constexprs, attrs, options, key)
+
+
+@dataclass(frozen=True)
+class CompileFacts:
+    """Resource use of one compiled variant (per thread unless stated)."""
+    kernel: str
+    arch: int
+    key: str
+    n_regs: int
+    spill_bytes: int             # local memory per thread (spill stores' space)
+    stack_bytes: int
+    shared_bytes: int            # per program (block)
+    num_warps: int
+    round_trips: int             # dependent load round trips per step of the main loop
+
+
+_RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def _resource_usage(cubin: bytes) -> tuple:
+    """``(registers, stack bytes, static shared bytes, local bytes)`` of a one-kernel cubin."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        out = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", fh.name],
+                             capture_output=True, text=True, check=True).stdout
+    found = _RESOURCE.search(out)
+    if found is None:
+        raise RuntimeError(f"no resource usage in cuobjdump's output:\n{out}")
+    return tuple(int(v) for v in found.groups())
+
+
+_LABEL = re.compile(r"^\s*(\$L__\w+):")
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+
+
+def _loops(lines: list) -> list:
+    """``(start, end)`` line ranges of the loops of a PTX function (backward branches)."""
+    where = {}
+    loops = []
+    for i, line in enumerate(lines):
+        label = _LABEL.match(line)
+        if label:
+            where[label.group(1)] = i
+        branch = _BRANCH.search(line)
+        if branch and branch.group(1) in where:
+            loops.append((where[branch.group(1)], i))
+    return loops
+
+
+def load_round_trips(ptx: str) -> int:
+    """Dependent global-load round trips per iteration of the kernel's main loop.
+
+    The main loop is the one with the most ``ld.global`` instructions. Loads issued after a
+    ``st.global`` cannot be moved above it (the store may alias them) and the store's data
+    depends on the loads before it, so each store between loads costs one more round trip to
+    memory: the count is 1 + the number of load groups that follow a store. 0 without loads.
+    """
+    lines = ptx.splitlines()
+    best = []
+    for start, end in _loops(lines):
+        body = [ln for ln in lines[start:end + 1] if "ld.global" in ln or "st.global" in ln]
+        if sum("ld.global" in ln for ln in body) > sum("ld.global" in ln for ln in best):
+            best = body
+    trips, stored = 0, True
+    for ln in best:
+        if "ld.global" in ln and stored:
+            trips, stored = trips + 1, False
+        elif "st.global" in ln:
+            stored = True
+    return trips
+
+
+def compile_launch(launch: Launch, arch: int) -> CompileFacts:
+    """Compile ``launch``'s variant for ``sm_<arch>`` (needs a process without the interpreter)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    spec = specialize(launch, arch)
+    src = ASTSource(_jit_function(launch), spec.signature, spec.constexprs, spec.attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=spec.options.__dict__)
+    regs, stack, shared, local = _resource_usage(compiled.asm["cubin"])
+    return CompileFacts(kernel=launch.kernel, arch=arch, key=spec.key, n_regs=regs,
+                        spill_bytes=local, stack_bytes=stack,
+                        shared_bytes=max(shared, int(compiled.metadata.shared)),
+                        num_warps=int(compiled.metadata.num_warps),
+                        round_trips=load_round_trips(compiled.asm["ptx"]))
+
+
+def distinct(launches: Sequence[Launch], arch: int = 90) -> list:
+    """One launch per distinct compiled variant (kernel and specialisation key), first seen."""
+    seen, out = set(), []
+    for launch in launches:
+        ident = (launch.module, launch.kernel, specialize(launch, arch).key)
+        if ident not in seen:
+            seen.add(ident)
+            out.append(launch)
+    return out
+
+
+def compile_launches(launches: Sequence[Launch], archs: Sequence[int] = (80, 90),
+                     timeout: float = 1800.0) -> list:
+    """Compile every launch for every arch in a subprocess without ``TRITON_INTERPRET``.
+
+    Returns:
+        ``[CompileFacts or error string]`` in the order ``[(l, a) for l in launches for a in
+        archs]``; a failed compile gives its error message instead of facts.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        env["TRITON_CACHE_DIR"] = os.path.join(tmp, "cache")
+        src, dst = os.path.join(tmp, "launches.json"), os.path.join(tmp, "facts.json")
+        with open(src, "w") as fh:
+            json.dump({"archs": list(archs), "launches": [x.to_json() for x in launches]}, fh)
+        proc = subprocess.run([sys.executable, "-m", "deq_fast.aot", src, dst], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the compile subprocess failed:\n{proc.stderr[-4000:]}")
+        with open(dst) as fh:
+            results = json.load(fh)
+    return [CompileFacts(**r) if isinstance(r, dict) else r for r in results]
+
+
+def _compile_file(src: str, dst: str) -> None:
+    with open(src) as fh:
+        job = json.load(fh)
+    results: list[Optional[Any]] = []
+    for entry in job["launches"]:
+        launch = Launch.from_json(entry)
+        for arch in job["archs"]:
+            try:
+                results.append(dataclasses.asdict(compile_launch(launch, arch)))
+            except Exception as exc:          # reported per launch by the caller
+                results.append(f"{type(exc).__name__}: {exc}"[-3000:])
+    with open(dst, "w") as fh:
+        json.dump(results, fh)
+
+
+if __name__ == "__main__":        # the compile subprocess: python -m deq_fast.aot IN.json OUT.json
+    _compile_file(sys.argv[1], sys.argv[2])
