@@ -41,12 +41,13 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 __all__ = ["TensorArg", "Launch", "Specialization", "CompileFacts", "record_launches",
-           "specialize", "compile_launch", "compile_launches", "load_round_trips"]
+           "specialize", "record_solve", "steady_state", "compile_launch", "compile_launches",
+           "load_round_trips"]
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,37 @@ def specialize(launch: Launch, arch: int = 90) -> Specialization:
     return Specialization(signature, constexprs, attrs, options, key)
 
 
+def record_solve(method: str, dtype: torch.dtype = torch.float32, batch: int = 3,
+                 dim: int = 1040, max_iter: int = 8, **options: Any) -> list:
+    """The launches of one Triton solve of ``f(z) = 0.5·tanh(z) + x`` on CPU tensors.
+
+    Needs the interpreter on CPU (``TRITON_INTERPRET=1`` set before ``deq_fast.kernels`` is
+    imported) or a CUDA device (then the solve runs there). ``check_every=0``: every iteration
+    launches the same kernels. ``options`` go to :func:`deq_fast.solve` (``m``, ``memory``, ...).
+    """
+    from deq_fast import solve
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, dim, generator=gen).to(device=device, dtype=dtype)
+    with record_launches() as launches:
+        solve(lambda z: 0.5 * torch.tanh(z) + x, torch.zeros_like(x), method=method,
+              max_iter=max_iter, tol=0.0, check_every=0, backend="triton", **options)
+    return launches
+
+
+def steady_state(launches: Sequence[Launch], arch: int = 90) -> list:
+    """Per kernel and tensor dtypes, the variant launched most often (the first of equals), in
+    first-launch order: the variants a long solve spends its time in."""
+    counts: dict = {}
+    for launch in launches:
+        group = counts.setdefault((launch.kernel, launch.dtypes), {})
+        key = specialize(launch, arch).key
+        n, _ = group.get(key, (0, None))
+        group[key] = (n + 1, launch)
+    return [max(group.values(), key=lambda nl: nl[0])[1] for group in counts.values()]
+
+
 @dataclass(frozen=True)
 class CompileFacts:
     """Resource use of one compiled variant (per thread unless stated)."""
@@ -343,7 +375,8 @@ def distinct(launches: Sequence[Launch], arch: int = 90) -> list:
 
 def compile_launches(launches: Sequence[Launch], archs: Sequence[int] = (80, 90),
                      timeout: float = 1800.0) -> list:
-    """Compile every launch for every arch in a subprocess without ``TRITON_INTERPRET``.
+    """Compile every launch for every arch, one subprocess per arch (run side by side) without
+    ``TRITON_INTERPRET`` and with a fresh Triton cache.
 
     Returns:
         ``[CompileFacts or error string]`` in the order ``[(l, a) for l in launches for a in
@@ -352,32 +385,36 @@ def compile_launches(launches: Sequence[Launch], archs: Sequence[int] = (80, 90)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as tmp:
         env["TRITON_CACHE_DIR"] = os.path.join(tmp, "cache")
-        src, dst = os.path.join(tmp, "launches.json"), os.path.join(tmp, "facts.json")
+        src = os.path.join(tmp, "launches.json")
         with open(src, "w") as fh:
-            json.dump({"archs": list(archs), "launches": [x.to_json() for x in launches]}, fh)
-        proc = subprocess.run([sys.executable, "-m", "deq_fast.aot", src, dst], env=env,
-                              capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"the compile subprocess failed:\n{proc.stderr[-4000:]}")
-        with open(dst) as fh:
-            results = json.load(fh)
-    return [CompileFacts(**r) if isinstance(r, dict) else r for r in results]
+            json.dump([x.to_json() for x in launches], fh)
+        jobs = {arch: os.path.join(tmp, f"sm{arch}.json") for arch in archs}
+        procs = {arch: subprocess.Popen([sys.executable, "-m", "deq_fast.aot", src, str(arch), dst],
+                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True) for arch, dst in jobs.items()}
+        per_arch = {}
+        for arch, proc in procs.items():
+            _, err = proc.communicate(timeout=timeout)
+            if proc.returncode != 0:
+                raise RuntimeError(f"the sm_{arch} compile subprocess failed:\n{err[-4000:]}")
+            with open(jobs[arch]) as fh:
+                per_arch[arch] = json.load(fh)
+    return [CompileFacts(**r) if isinstance(r, dict) else r
+            for i in range(len(launches)) for r in (per_arch[a][i] for a in archs)]
 
 
-def _compile_file(src: str, dst: str) -> None:
+def _compile_file(src: str, arch: int, dst: str) -> None:
     with open(src) as fh:
-        job = json.load(fh)
-    results: list[Optional[Any]] = []
-    for entry in job["launches"]:
-        launch = Launch.from_json(entry)
-        for arch in job["archs"]:
-            try:
-                results.append(dataclasses.asdict(compile_launch(launch, arch)))
-            except Exception as exc:          # reported per launch by the caller
-                results.append(f"{type(exc).__name__}: {exc}"[-3000:])
+        launches = [Launch.from_json(entry) for entry in json.load(fh)]
+    results: list[Any] = []
+    for launch in launches:
+        try:
+            results.append(dataclasses.asdict(compile_launch(launch, arch)))
+        except Exception as exc:          # reported per launch by the caller
+            results.append(f"{type(exc).__name__}: {exc}"[-3000:])
     with open(dst, "w") as fh:
         json.dump(results, fh)
 
 
-if __name__ == "__main__":        # the compile subprocess: python -m deq_fast.aot IN.json OUT.json
-    _compile_file(sys.argv[1], sys.argv[2])
+if __name__ == "__main__":   # the compile subprocess: python -m deq_fast.aot IN.json ARCH OUT.json
+    _compile_file(sys.argv[1], int(sys.argv[2]), sys.argv[3])
