@@ -46,24 +46,31 @@ from typing import Any, Iterator, Sequence
 import torch
 
 __all__ = ["TensorArg", "Launch", "Specialization", "CompileFacts", "record_launches",
-           "specialize", "record_solve", "steady_state", "compile_launch", "compile_launches",
-           "load_round_trips"]
+           "specialize", "record_solve", "one_iteration", "steady_state", "compile_launch",
+           "compile_launches", "load_round_trips"]
 
 
 @dataclass(frozen=True)
 class TensorArg:
-    """A tensor argument as Triton's specialisation sees it.
+    """A tensor argument as Triton's specialisation sees it, and its shape.
 
     ``offset`` is the byte offset of the tensor's first element in its allocation: GPU
     allocations start at least 256-byte aligned, so ``offset % 16`` decides the alignment hint
-    on the GPU whatever the recording device was.
+    on the GPU whatever the recording device was. ``shape`` is not part of the specialisation
+    (the performance model reads sizes from it).
     """
     dtype: str
     offset: int
+    shape: tuple = ()
 
     @classmethod
     def of(cls, t: torch.Tensor) -> "TensorArg":
-        return cls(str(t.dtype).removeprefix("torch."), t.storage_offset() * t.element_size())
+        return cls(str(t.dtype).removeprefix("torch."), t.storage_offset() * t.element_size(),
+                   tuple(t.shape))
+
+    @property
+    def itemsize(self) -> int:
+        return self.torch_dtype.itemsize
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -120,15 +127,15 @@ class Launch:
         return out
 
     def to_json(self) -> dict:
-        enc = [{"tensor": a.dtype, "offset": a.offset} if isinstance(a, TensorArg) else a
-               for a in self.args]
+        enc = [{"tensor": a.dtype, "offset": a.offset, "shape": list(a.shape)}
+               if isinstance(a, TensorArg) else a for a in self.args]
         return {"kernel": self.kernel, "module": self.module, "grid": list(self.grid),
                 "args": enc, "kwargs": [list(kv) for kv in self.kwargs]}
 
     @classmethod
     def from_json(cls, d: dict) -> "Launch":
-        args = tuple(TensorArg(a["tensor"], a["offset"]) if isinstance(a, dict) else a
-                     for a in d["args"])
+        args = tuple(TensorArg(a["tensor"], a["offset"], tuple(a["shape"]))
+                     if isinstance(a, dict) else a for a in d["args"])
         return cls(d["kernel"], d["module"], tuple(d["grid"]), args,
                    tuple((k, v) for k, v in d["kwargs"]))
 
@@ -241,22 +248,54 @@ def specialize(launch: Launch, arch: int = 90) -> Specialization:
 
 
 def record_solve(method: str, dtype: torch.dtype = torch.float32, batch: int = 3,
-                 dim: int = 1040, max_iter: int = 8, **options: Any) -> list:
-    """The launches of one Triton solve of ``f(z) = 0.5·tanh(z) + x`` on CPU tensors.
+                 dim: int = 1040, max_iter: int = 8, shapes_only: bool = False,
+                 **options: Any) -> list:
+    """The launches of one Triton solve of ``f(z) = 0.5·tanh(z) + x``, ``x, z [batch, dim]``.
 
-    Needs the interpreter on CPU (``TRITON_INTERPRET=1`` set before ``deq_fast.kernels`` is
-    imported) or a CUDA device (then the solve runs there). ``check_every=0``: every iteration
-    launches the same kernels. ``options`` go to :func:`deq_fast.solve` (``m``, ``memory``, ...).
+    ``tol=0`` and ``check_every=0``: every iteration launches the same kernels, none stops.
+    ``options`` go to :func:`deq_fast.solve` (``m``, ``memory``, ``tau``, ...).
+
+    Args:
+        shapes_only: solve on ``meta`` tensors with the launchers called directly (as for CPU
+            tensors) and the launches recorded, not run: the launches of a solve of any size,
+            in milliseconds and without memory. Otherwise the solve runs on CUDA when present,
+            else on CPU under the interpreter (``TRITON_INTERPRET=1`` set before
+            ``deq_fast.kernels`` is imported).
     """
-    from deq_fast import solve
+    from unittest import mock
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from deq_fast import solve
+    from deq_fast.ops import dispatch
+
+    device = "meta" if shapes_only else "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, dim, generator=gen).to(device=device, dtype=dtype)
-    with record_launches() as launches:
+    x = (torch.empty(batch, dim, dtype=dtype, device="meta") if shapes_only else
+         torch.randn(batch, dim, generator=gen).to(device=device, dtype=dtype))
+    route = (mock.patch.object(dispatch, "_registered", dispatch._triton_direct) if shapes_only
+             else contextlib.nullcontext())     # meta tensors would reach the ops' fake kernels
+    with route, record_launches(execute=not shapes_only) as launches:
         solve(lambda z: 0.5 * torch.tanh(z) + x, torch.zeros_like(x), method=method,
               max_iter=max_iter, tol=0.0, check_every=0, backend="triton", **options)
     return launches
+
+
+def one_iteration(method: str, dtype: torch.dtype, batch: int, dim: int, warm: int,
+                  **options: Any) -> list:
+    """The launches of iteration ``warm`` (0-based) of a solve at ``[batch, dim]`` that goes on
+    after it (recorded with ``shapes_only``). Pick ``warm`` past the history length so that the
+    rings are full.
+
+    A solve of ``k`` iterations launches ``c + p·k`` kernels (``c`` outside the loop, ``p`` per
+    iteration); ``p`` and ``c`` come from solves of ``warm + 1`` and ``warm + 2`` iterations.
+    """
+    short = record_solve(method, dtype, batch, dim, warm + 1, shapes_only=True, **options)
+    long = record_solve(method, dtype, batch, dim, warm + 2, shapes_only=True, **options)
+    per = len(long) - len(short)
+    first = len(short) - per * (warm + 1) + per * warm
+    names = [x.kernel for x in long]
+    if per <= 0 or first < per or names[first - per:first] != names[first:first + per]:
+        raise RuntimeError(f"the {method} solve does not launch the same kernels every iteration")
+    return long[first:first + per]
 
 
 def steady_state(launches: Sequence[Launch], arch: int = 90) -> list:
