@@ -64,6 +64,9 @@ registers, shared memory, bytes moved and bytes in flight per block (see
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
+import importlib
 import json
 import math
 import os
@@ -320,6 +323,16 @@ def model_iteration(case: Case, gpu: GPU, facts_of: Callable) -> IterationTime:
 # ----------------------------------------------------------------------------- compiled facts
 
 
+@functools.lru_cache(maxsize=None)
+def _sources_hash(module: str) -> str:
+    """Hash of every Python source beside ``module`` (the kernel and the jit helpers it calls)."""
+    folder = Path(importlib.import_module(module).__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 class FactsCache:
     """Compiled facts per kernel source, specialisation and arch, kept in a JSON file."""
 
@@ -329,9 +342,9 @@ class FactsCache:
 
     @staticmethod
     def key(launch, arch: int) -> str:
-        from deq_fast.aot import jit_function, specialize
+        from deq_fast.aot import specialize
 
-        return f"{jit_function(launch).cache_key}|{specialize(launch, arch).key}|{arch}"
+        return f"{_sources_hash(launch.module)}|{specialize(launch, arch).key}|{arch}"
 
     def fill(self, launches: Sequence, arch: int) -> None:
         """Compile the launches whose facts are missing (one subprocess)."""
@@ -428,7 +441,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--markdown", action="store_true", help="a Markdown table (the README's)")
     p.add_argument("--cache", type=Path,
                    default=Path.home() / ".cache" / "deq_fast" / "gpu_model_facts.json",
-                   help="compiled facts kept between runs (keyed by kernel source)")
+                   help="compiled facts kept between runs (keyed by the kernels' sources)")
     args = p.parse_args(argv)
     gpu = GPUS[args.gpu]
     cases = standard_cases(DTYPES[args.dtype], args.m, args.memory, args.methods)
