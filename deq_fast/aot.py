@@ -50,7 +50,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 __all__ = ["TensorArg", "Launch", "Specialization", "CompileFacts", "record_launches",
-           "jit_function", "specialize", "record_solve", "one_iteration", "steady_state", "compile_launch",
+           "jit_function", "specialize", "record_solve", "one_iteration", "compile_launch",
            "compile_launches", "load_round_trips"]
 
 
@@ -300,18 +300,6 @@ def one_iteration(method: str, dtype: torch.dtype, batch: int, dim: int, warm: i
     if per <= 0 or first < per or names[first - per:first] != names[first:first + per]:
         raise RuntimeError(f"the {method} solve does not launch the same kernels every iteration")
     return long[first:first + per]
-
-
-def steady_state(launches: Sequence[Launch], arch: int = 90) -> list:
-    """Per kernel and tensor dtypes, the variant launched most often (the first of equals), in
-    first-launch order: the variants a long solve spends its time in."""
-    counts: dict = {}
-    for launch in launches:
-        group = counts.setdefault((launch.kernel, launch.dtypes), {})
-        key = specialize(launch, arch).key
-        n, _ = group.get(key, (0, None))
-        group[key] = (n + 1, launch)
-    return [max(group.values(), key=lambda nl: nl[0])[1] for group in counts.values()]
 
 
 @dataclass(frozen=True)
