@@ -342,17 +342,15 @@ class FactsCache:
 
     @staticmethod
     def key(launch, arch: int) -> str:
-        from deq_fast.aot import specialize
+        from deq_fast.aot import variant
 
-        return f"{_sources_hash(launch.module)}|{specialize(launch, arch).key}|{arch}"
+        return "|".join((_sources_hash(launch.module), *variant(launch, arch), str(arch)))
 
     def fill(self, launches: Sequence, arch: int) -> None:
         """Compile the launches whose facts are missing (one subprocess)."""
-        from deq_fast.aot import compile_launches
+        from deq_fast.aot import compile_launches, distinct
 
-        todo = {}
-        for x in launches:
-            todo.setdefault(self.key(x, arch), x)
+        todo = {self.key(x, arch): x for x in distinct(launches, arch)}
         todo = {k: x for k, x in todo.items() if k not in self.facts}
         if not todo:
             return

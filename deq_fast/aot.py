@@ -7,6 +7,8 @@ A tool (top of the layer stack) for machines without a GPU. Three steps:
    and keeps a :class:`Launch`: the kernel, its grid, every argument (a tensor as its dtype and
    its byte offset in its allocation, the only facts of a pointer Triton specialises on) and the
    keyword arguments (constexprs, ``num_warps``). The launches still run unless ``execute=False``.
+   :func:`record_solve` records a whole solve, with ``shapes_only`` on ``meta`` tensors at any
+   size without running a kernel; :func:`one_iteration` keeps one full-ring iteration of it.
 2. :func:`specialize` computes, with Triton's own binder (``create_function_from_signature`` and
    ``JITFunction._pack_args``, the code ``JITFunction.run`` calls), the signature, constexprs and
    attributes the runtime would compile for that call on a given target: pointers typed by their
@@ -14,8 +16,9 @@ A tool (top of the layer stack) for machines without a GPU. Three steps:
    ``tt.divisibility=16`` hints for 16-aligned pointers and multiples of 16, and none of these for
    parameters in the kernel's ``do_not_specialize``. Its ``key`` is the runtime's cache key: two
    calls with the same key share one compiled kernel.
-3. :func:`compile_launches` compiles each distinct variant with ``triton.compile`` for
-   ``GPUTarget("cuda", arch, 32)`` in a subprocess without ``TRITON_INTERPRET`` (once the
+3. :func:`compile_launches` compiles launches (:func:`distinct` keeps one per variant) with
+   ``triton.compile`` for ``GPUTarget("cuda", arch, 32)``, one subprocess per arch run side by
+   side, without ``TRITON_INTERPRET`` (once the
    interpreter has been imported, ``tl.sum`` and friends are interpreter objects that the compiler
    rejects) and a fresh Triton cache, and reads :class:`CompileFacts` from the result: registers
    and local memory per thread (``cuobjdump --dump-resource-usage`` on the cubin; Triton kernels
@@ -50,8 +53,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 __all__ = ["TensorArg", "Launch", "Specialization", "CompileFacts", "record_launches",
-           "jit_function", "specialize", "record_solve", "one_iteration", "compile_launch",
-           "compile_launches", "load_round_trips"]
+           "jit_function", "specialize", "record_solve", "one_iteration", "variant", "distinct",
+           "compile_launch", "compile_launches", "load_round_trips"]
 
 
 @dataclass(frozen=True)
@@ -393,15 +396,17 @@ def compile_launch(launch: Launch, arch: int) -> CompileFacts:
                         round_trips=load_round_trips(compiled.asm["ptx"]))
 
 
+def variant(launch: Launch, arch: int = 90) -> tuple:
+    """What names a compiled kernel: ``(module, kernel, specialisation key)``."""
+    return launch.module, launch.kernel, specialize(launch, arch).key
+
+
 def distinct(launches: Sequence[Launch], arch: int = 90) -> list:
-    """One launch per distinct compiled variant (kernel and specialisation key), first seen."""
-    seen, out = set(), []
+    """One launch per distinct compiled :func:`variant`, first seen first."""
+    seen: dict = {}
     for launch in launches:
-        ident = (launch.module, launch.kernel, specialize(launch, arch).key)
-        if ident not in seen:
-            seen.add(ident)
-            out.append(launch)
-    return out
+        seen.setdefault(variant(launch, arch), launch)
+    return list(seen.values())
 
 
 def compile_launches(launches: Sequence[Launch], archs: Sequence[int] = (80, 90),

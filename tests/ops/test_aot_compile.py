@@ -26,7 +26,14 @@ import torch
 import triton  # noqa: F401  (a declared test dependency: imported, never skipped)
 
 from benchmarks.gpu_model import GPUS, resident_per_sm, triton_kernel_shape
-from deq_fast.aot import compile_launches, one_iteration, record_solve, specialize
+from deq_fast.aot import (
+    compile_launches,
+    distinct,
+    one_iteration,
+    record_solve,
+    specialize,
+    variant,
+)
 
 ARCHS = (80, 90)
 GPU_OF_ARCH = {gpu.arch: gpu for gpu in GPUS.values()}
@@ -52,14 +59,10 @@ def case_launches(solve: str, dtype: str, shape: str) -> list:
 def compiled() -> dict:
     """case id -> [(launch, {arch: CompileFacts or error})], each variant compiled once."""
     per_case = {cid: case_launches(*case) for cid, case in zip(IDS, CASES)}
-    unique = {}
-    for launches in per_case.values():
-        for x in launches:
-            unique.setdefault(specialize(x).key + x.kernel, x)
-    facts = compile_launches(list(unique.values()), ARCHS)
-    by_key = {key: dict(zip(ARCHS, facts[i * len(ARCHS):(i + 1) * len(ARCHS)]))
-              for i, key in enumerate(unique)}
-    return {cid: [(x, by_key[specialize(x).key + x.kernel]) for x in launches]
+    unique = distinct([x for launches in per_case.values() for x in launches])
+    facts = iter(compile_launches(unique, ARCHS))
+    of_variant = {variant(x): {arch: next(facts) for arch in ARCHS} for x in unique}
+    return {cid: [(x, of_variant[variant(x)]) for x in launches]
             for cid, launches in per_case.items()}
 
 
