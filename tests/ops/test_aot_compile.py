@@ -27,9 +27,13 @@ import triton  # noqa: F401  (a declared test dependency: imported, never skippe
 
 from benchmarks.gpu_model import GPUS, resident_per_sm, triton_kernel_shape
 from deq_fast.aot import (
+    Launch,
+    TensorArg,
     compile_launches,
     distinct,
+    load_round_trips,
     one_iteration,
+    record_launches,
     record_solve,
     specialize,
     variant,
@@ -133,3 +137,42 @@ def test_one_compile_per_kernel_and_dtype_in_a_solve(method, options):
         keys[x.kernel].add(specialize(x).key)
     several = {kernel: len(v) for kernel, v in keys.items() if len(v) > 1}
     assert len(keys) == 3 and not several, f"compiles per kernel: {several}"
+
+
+PTX_LOOP = """
+$L__BB0_1:
+	ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];
+	ld.global.v4.b32 {%r5, %r6, %r7, %r8}, [%rd2];
+	{STORE}
+	ld.global.v4.b32 {%r9, %r10, %r11, %r12}, [%rd3];
+	@%p1 bra $L__BB0_1;
+	st.global.b32 [%rd4], %r9;
+"""
+
+
+@pytest.mark.parametrize("store,trips", [("st.global.v4.b32 [%rd5], {%r1, %r2, %r3, %r4};", 2),
+                                         ("add.s32 %r13, %r1, %r5;", 1)], ids=["store", "none"])
+def test_load_round_trips_counts_loads_after_stores(store, trips):
+    assert load_round_trips(PTX_LOOP.replace("{STORE}", store)) == trips
+    assert load_round_trips("ld.global.b32 %r1, [%rd1];") == 0      # no loop
+
+
+def test_recorded_launch_without_running_it():
+    # a launcher on CPU tensors (interpreter) or CUDA: execute=False records and leaves outputs
+    from deq_fast.kernels import residual_norms
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    base = torch.randn(4, 40, device=dev)
+    x, fx = base[1:3, :37], torch.randn(2, 37, device=dev)   # x: a view 40 floats in
+    sq = torch.full((2, 2), -1.0, device=dev)
+    with record_launches(execute=False) as launches:
+        residual_norms(x, fx, sq)
+    assert bool((sq == -1.0).all())
+    (launch,) = launches
+    assert launch.kernel == "_residual_norms_kernel" and launch.num_warps >= 1
+    args = launch.bound()
+    assert args["x_ptr"] == TensorArg("float32", 40 * 4, (2, 37)) and args["D"] == 37
+    assert Launch.from_json(launch.to_json()) == launch
+    with record_launches() as ran:
+        residual_norms(x, fx, sq)
+    assert len(ran) == 1 and torch.allclose(sq[:, 1], fx.square().sum(1))
