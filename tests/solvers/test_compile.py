@@ -1,0 +1,119 @@
+"""Full-graph capture: ``torch.compile(fullgraph=True)`` of a fixed-iteration ``deq_fast.solve``.
+
+With ``check_every=0`` a solve has no host interaction, so Dynamo captures it as one graph: the
+loop unrolled, the fused solver ops opaque nodes with fake kernels (registered at import of the op
+table), the backend and the op table decided at trace time. Checked for every method, tensor and
+tuple states, the C++ and the reference ops: no graph break, one graph, no recompilation when the
+solve is called again with new values (``error_on_recompile``), and the result equal to eager.
+
+The graph tests compile with ``backend="aot_eager"`` (Dynamo, fake kernels and functionalization,
+no code generation; one case per method in the fast suite, the whole grid ``slow``); the inductor
+tests (which build C++ on CPU) are ``slow``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+
+import deq_fast
+from deq_fast.ops import extension
+
+METHODS = ["anderson", "broyden", "fixed_point"]
+BACKENDS = ["cpp", "reference"]
+ITERS = 4
+
+
+def _needs(backend: str) -> None:
+    if backend == "cpp" and not extension.available():
+        pytest.skip(f"backend 'cpp' needs deq_fast._C: {extension.extension_status()[1]}")
+
+
+def _problem(state: str, seed: int, dtype=torch.float32):
+    """``(f, x0)``: a contraction on a ``[3, 7]`` tensor state or a tuple ``([3, 2, 5], [3, 4])``."""
+    g = torch.Generator().manual_seed(seed)
+    W = 0.4 * torch.randn(14, 14, generator=g, dtype=dtype) / 14 ** 0.5
+    b = torch.randn(3, 14, generator=g, dtype=dtype)
+    if state == "tensor":
+        return (lambda z: torch.tanh(z @ W[:7, :7] + b[:, :7])), torch.randn(3, 7, generator=g, dtype=dtype)
+
+    def f(zs):
+        a, c = zs
+        mixed = torch.tanh(torch.cat([a.flatten(1), c], 1) @ W + b)
+        return mixed[:, :10].view(3, 2, 5), mixed[:, 10:]
+    return f, (torch.randn(3, 2, 5, generator=g, dtype=dtype), torch.randn(3, 4, generator=g, dtype=dtype))
+
+
+def _solve(method: str, backend: str):
+    def run(f, x0):
+        res = deq_fast.solve(f, x0, method, max_iter=ITERS, check_every=0, backend=backend)
+        return res.z, res.abs_lowest, res.abs_trace
+    return run
+
+
+@pytest.fixture
+def no_recompile():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        yield torch._dynamo.utils.counters
+    torch._dynamo.reset()
+
+
+FAST_CASES = [("anderson", "cpp", "tensor"), ("broyden", "cpp", "tuple"),
+              ("fixed_point", "reference", "tuple")]
+ALL_CASES = [(m, b, s) for m in METHODS for b in BACKENDS for s in ("tensor", "tuple")]
+
+
+@pytest.mark.parametrize("method,backend,state", FAST_CASES + [
+    pytest.param(*case, marks=pytest.mark.slow) for case in ALL_CASES if case not in FAST_CASES])
+def test_fixed_iteration_solve_is_one_graph_without_recompiles(method, backend, state, no_recompile):
+    _needs(backend)
+    run = _solve(method, backend)
+    compiled = torch.compile(run, backend="aot_eager", fullgraph=True)
+    for seed in (0, 1):                                   # new values, same shapes: no recompile
+        f, x0 = _problem(state, seed)
+        got, want = compiled(f, x0), run(f, x0)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert no_recompile["stats"]["unique_graphs"] == 1
+    assert not no_recompile["graph_break"]
+
+
+def test_explain_reports_one_graph_and_no_break():
+    f, x0 = _problem("tuple", 0)
+    explained = torch._dynamo.explain(_solve("fixed_point", "auto"))(f, x0)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    ops = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
+    # the fused ops are nodes of the graph (opaque), chosen at trace time
+    assert {"deq_fast.residual_norms.default", "deq_fast.track_status.default"} <= ops or \
+        {"deq_fast_reference.residual_norms.default", "deq_fast_reference.track_status.default"} <= ops
+
+
+def test_a_polling_solve_is_not_one_graph():
+    """Negative check: with ``check_every=1`` the host reads the flags (a graph break), so the
+    fullgraph path above is what ``check_every=0`` buys."""
+    f, x0 = _problem("tensor", 0)
+    explained = torch._dynamo.explain(
+        lambda f, x0: deq_fast.solve(f, x0, "fixed_point", max_iter=2, check_every=1).z)(f, x0)
+    assert explained.graph_break_count > 0
+
+
+def test_triton_on_cpu_tensors_cannot_be_compiled_and_says_why():
+    f, x0 = _problem("tensor", 0)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="torch.compile cannot trace"):
+        torch.compile(_solve("anderson", "triton"), backend="eager", fullgraph=True)(f, x0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("state", ["tensor", "tuple"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_inductor_solve_equals_eager(method, backend, state, no_recompile):
+    _needs(backend)
+    run = _solve(method, backend)
+    compiled = torch.compile(run, fullgraph=True)
+    for seed in (0, 1):
+        f, x0 = _problem(state, seed, torch.float64)
+        torch.testing.assert_close(compiled(f, x0), run(f, x0), atol=1e-12, rtol=1e-10)
+    assert no_recompile["stats"]["unique_graphs"] == 1
