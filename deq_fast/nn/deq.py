@@ -53,8 +53,10 @@ from torch import nn
 from deq_fast.compat.torchdeq import get_solver
 from deq_fast.implicit.backward import METHODS as BACKWARD_METHODS
 from deq_fast.implicit.grad import (
+    CAPTURED_METHODS,
     BackwardConfig,
     BackwardNotConverged,
+    CapturedImplicitGrad,
     GradMethod,
     GradSpec,
     ImplicitGrad,
@@ -146,11 +148,15 @@ class _FlatFunc:
 
     def __call__(self, zf: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
         self.nfe += 1
+        fz = self.evaluate(zf)
+        return fz if tau == 1.0 else tau * fz + (1.0 - tau) * zf
+
+    def evaluate(self, zf: torch.Tensor) -> torch.Tensor:
+        """``func`` on a flat state, not counted (the captured backward's VJPs)."""
         z = self.packer.unpack(zf)
         out = self.func(z) if self.packer.is_tensor else self.func(*z)
         _check_output(self.packer, out)
-        fz = self.packer.pack(out)
-        return fz if tau == 1.0 else tau * fz + (1.0 - tau) * zf
+        return self.packer.pack(out)
 
 
 def _ignore_extra_keywords(kwargs: dict) -> None:
@@ -282,6 +288,8 @@ class DEQ(nn.Module):
             return phantom_grad(ffunc, z_star, kind.steps, kind.tau, self.sup_gap, self.sup_loc)
         if not torch.is_grad_enabled():   # e.g. a training-mode forward under torch.no_grad()
             return [ffunc(z_star)]
+        if torch.compiler.is_compiling():
+            return [self._captured_exact(ffunc, z_star, kind, info, writer)]
         z = z_star.requires_grad_()
         fz = ffunc(z)
         if not needs_grad_beyond(fz, z):  # no parameter or input of func needs a gradient
@@ -289,6 +297,18 @@ class DEQ(nn.Module):
         cfg = BackwardConfig(method=self.b_method, max_iter=self.b_max_iter, tol=self.b_tol,
                              factors=factors, info=info, writer=writer)
         return [ImplicitGrad.apply(fz, z, cfg)]
+
+    def _captured_exact(self, ffunc, z_star, kind: GradSpec, info, writer) -> torch.Tensor:
+        """The exact gradient under ``torch.compile``: :class:`CapturedImplicitGrad` (no walk of
+        the autograd graph, no host interaction; see ``docs/design.md``, Full-graph capture)."""
+        if kind.method is not GradMethod.EXACT or self.b_method not in CAPTURED_METHODS:
+            raise NotImplementedError(
+                f"torch.compile of a DEQ layer supports grad_mode 'exact' (b_method one of "
+                f"{sorted(CAPTURED_METHODS)}), 'phantom' and 'jfb'; got grad_mode="
+                f"{self.grad_mode!r}, b_method={self.b_method!r}")
+        cfg = BackwardConfig(method=self.b_method, max_iter=self.b_max_iter, tol=self.b_tol,
+                             factors=None, info=info, writer=writer)
+        return CapturedImplicitGrad.apply(ffunc(z_star), z_star, ffunc.evaluate, cfg)
 
     # ------------------------------------------------------------------ the three forward paths
     def _forward_eval(self, ffunc, z0, max_iter, skw, info, writer) -> list[torch.Tensor]:
@@ -343,6 +363,8 @@ class DEQ(nn.Module):
         ffunc = _FlatFunc(func, packer)
         z0 = packer.pack(z_init).detach()
         skw = dict(solver_kwargs or {})
+        if torch.compiler.is_compiling() and "kwargs" in self._f_solver_params:
+            skw.setdefault("check_every", 0)   # a fixed iteration count: no host look to trace
         f_max_iter = skw.pop("f_max_iter", None)
         info: dict = {}
         if not self.training:
