@@ -289,7 +289,7 @@ class DEQ(nn.Module):
         if not torch.is_grad_enabled():   # e.g. a training-mode forward under torch.no_grad()
             return [ffunc(z_star)]
         if torch.compiler.is_compiling():
-            return [self._captured_exact(ffunc, z_star, kind, info, writer)]
+            return [self._captured_exact(ffunc, z_star, info, writer)]
         z = z_star.requires_grad_()
         fz = ffunc(z)
         if not needs_grad_beyond(fz, z):  # no parameter or input of func needs a gradient
@@ -298,14 +298,19 @@ class DEQ(nn.Module):
                              factors=factors, info=info, writer=writer)
         return [ImplicitGrad.apply(fz, z, cfg)]
 
-    def _captured_exact(self, ffunc, z_star, kind: GradSpec, info, writer) -> torch.Tensor:
-        """The exact gradient under ``torch.compile``: :class:`CapturedImplicitGrad` (no walk of
-        the autograd graph, no host interaction; see ``docs/design.md``, Full-graph capture)."""
-        if kind.method is not GradMethod.EXACT or self.b_method not in CAPTURED_METHODS:
+    def _check_capturable(self) -> None:
+        """Under ``torch.compile``, in training: raise for SHINE, whose forward Broyden factors
+        come from a solve that polls the host; name what can be captured."""
+        if self.grad_mode == "shine" or (self.grad_mode == "exact"
+                                          and self.b_method not in CAPTURED_METHODS):
             raise NotImplementedError(
                 f"torch.compile of a DEQ layer supports grad_mode 'exact' (b_method one of "
                 f"{sorted(CAPTURED_METHODS)}), 'phantom' and 'jfb'; got grad_mode="
                 f"{self.grad_mode!r}, b_method={self.b_method!r}")
+
+    def _captured_exact(self, ffunc, z_star, info, writer) -> torch.Tensor:
+        """The exact gradient under ``torch.compile``: :class:`CapturedImplicitGrad` (no walk of
+        the autograd graph, no host interaction; see ``docs/design.md``, Full-graph capture)."""
         cfg = BackwardConfig(method=self.b_method, max_iter=self.b_max_iter, tol=self.b_tol,
                              factors=None, info=info, writer=writer)
         return CapturedImplicitGrad.apply(ffunc(z_star), z_star, ffunc.evaluate, cfg)
@@ -363,8 +368,11 @@ class DEQ(nn.Module):
         ffunc = _FlatFunc(func, packer)
         z0 = packer.pack(z_init).detach()
         skw = dict(solver_kwargs or {})
-        if torch.compiler.is_compiling() and "kwargs" in self._f_solver_params:
-            skw.setdefault("check_every", 0)   # a fixed iteration count: no host look to trace
+        if torch.compiler.is_compiling():
+            if self.training:
+                self._check_capturable()
+            if "kwargs" in self._f_solver_params:
+                skw.setdefault("check_every", 0)   # a fixed iteration count: no host look
         f_max_iter = skw.pop("f_max_iter", None)
         info: dict = {}
         if not self.training:

@@ -117,3 +117,75 @@ def test_inductor_solve_equals_eager(method, backend, state, no_recompile):
         f, x0 = _problem(state, seed, torch.float64)
         torch.testing.assert_close(compiled(f, x0), run(f, x0), atol=1e-12, rtol=1e-10)
     assert no_recompile["stats"]["unique_graphs"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# a DEQ layer (deq_fast.get_deq) in training: forward solve and exact implicit backward captured
+# ---------------------------------------------------------------------------------------------
+
+class _DEQNet(torch.nn.Module):
+    """``z* = tanh(0.3 W z* + U x)`` (tensor state) or its two-part split (tuple state), then
+    a mean-square loss; float64 so that the forward and backward solves converge far below the
+    tolerance the test compares at."""
+
+    def __init__(self, state: str, **deq_kw) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.W = torch.nn.Parameter(torch.randn(10, 10, generator=gen, dtype=torch.float64) / 10 ** 0.5)
+        self.U = torch.nn.Parameter(torch.randn(10, 6, generator=gen, dtype=torch.float64) / 6 ** 0.5)
+        self.state = state
+        self.deq = deq_fast.get_deq(**{**dict(f_solver="anderson", f_max_iter=14, f_tol=1e-12,
+                                              b_max_iter=14, b_tol=1e-12), **deq_kw})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x @ self.U.t()
+        f = lambda z: torch.tanh(0.3 * z @ self.W.t() + u)  # noqa: E731
+        if self.state == "tensor":
+            zs, _ = self.deq(f, torch.zeros_like(u))
+            return zs[-1].square().mean()
+        zs, _ = self.deq(lambda a, b: f(torch.cat([a, b], 1)).split([4, 6], 1),
+                         (u.new_zeros(u.shape[0], 4), u.new_zeros(u.shape[0], 6)))
+        return sum(part.square().mean() for part in zs[-1])
+
+
+def _loss_and_grads(model, x):
+    loss = model(x)
+    return (loss, *torch.autograd.grad(loss, list(model.parameters())))
+
+
+@pytest.mark.parametrize("state,compiler", [
+    ("tensor", "aot_eager"),
+    pytest.param("tuple", "aot_eager", marks=pytest.mark.slow),
+    pytest.param("tensor", "inductor", marks=pytest.mark.slow),
+    pytest.param("tuple", "inductor", marks=pytest.mark.slow)])
+def test_deq_training_step_compiles_and_equals_eager(state, compiler, no_recompile):
+    """Loss and parameter gradients of the compiled layer (exact gradient: the captured backward)
+    equal eager's (the C++/Python backward loop to its tolerance); a second batch reuses the
+    graph. Negative check: the phantom gradient is not within the tolerance."""
+    model = _DEQNet(state).train()
+    compiled = torch.compile(model, backend=compiler, fullgraph=True)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        x = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+        want = _loss_and_grads(model, x)
+        torch.testing.assert_close(_loss_and_grads(compiled, x), want, atol=1e-9, rtol=1e-7)
+    assert no_recompile["stats"]["unique_graphs"] == 1
+    phantom = _loss_and_grads(_DEQNet(state, grad_mode="phantom", grad=2).train(), x)
+    assert (phantom[1] - want[1]).abs().max() > 1e-4
+
+
+def test_shine_under_compile_says_what_is_supported():
+    torch._dynamo.reset()
+    model = _DEQNet("tensor", grad_mode="shine", f_solver="broyden").train()
+    with pytest.raises(Exception, match="grad_mode 'exact'"):
+        torch.compile(model, backend="eager", fullgraph=True)(torch.randn(2, 6, dtype=torch.float64))
+
+
+@pytest.mark.slow
+def test_selftest_capture_rows_pass_on_cpu():
+    """``python -m deq_fast.selftest --capture``: eager vs inductor rows, one per method."""
+    from deq_fast import selftest
+
+    rows = selftest.run_capture_checks("cpu", timing=True)
+    assert [r[0] for r in rows] == [f"captured/{m}" for m in METHODS]
+    assert all(ok and err <= tol and t_c > 0 and t_e > 0 for _, _, _, err, tol, ok, t_c, t_e in rows)
