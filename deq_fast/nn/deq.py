@@ -194,6 +194,11 @@ class DEQ(nn.Module):
         solver gives them, ``sradius``) plus ``nfe`` (forward evaluations of ``func``) and, after
         a backward, ``b_nvjp``, ``b_rel_residual``, ``b_converged``, ``b_method``.
 
+    Under ``torch.compile(fullgraph=True)`` the forward solver runs ``check_every=0`` (exactly
+    ``f_max_iter`` iterations) unless ``solver_kwargs`` say otherwise, and the exact gradient is
+    :class:`~deq_fast.implicit.grad.CapturedImplicitGrad` (``b_max_iter`` iterations of the
+    adjoint fixed point; no ``b_*`` keys are recorded); ``grad_mode='shine'`` raises there.
+
     Example:
         >>> deq = get_deq(f_solver="anderson", f_max_iter=30, f_tol=1e-6)
         >>> x = torch.randn(4, 8, requires_grad=True); W = 0.3 * torch.randn(8, 8) / 8 ** 0.5
@@ -299,8 +304,8 @@ class DEQ(nn.Module):
         return [ImplicitGrad.apply(fz, z, cfg)]
 
     def _check_capturable(self) -> None:
-        """Under ``torch.compile``, in training: raise for SHINE, whose forward Broyden factors
-        come from a solve that polls the host; name what can be captured."""
+        """Under ``torch.compile`` with grad enabled: raise for SHINE, whose forward Broyden
+        factors come from a solve that polls the host; name what can be captured."""
         if self.grad_mode == "shine" or (self.grad_mode == "exact"
                                           and self.b_method not in CAPTURED_METHODS):
             raise NotImplementedError(
@@ -369,7 +374,7 @@ class DEQ(nn.Module):
         z0 = packer.pack(z_init).detach()
         skw = dict(solver_kwargs or {})
         if torch.compiler.is_compiling():
-            if self.training:
+            if torch.is_grad_enabled():
                 self._check_capturable()
             if "kwargs" in self._f_solver_params:
                 skw.setdefault("check_every", 0)   # a fixed iteration count: no host look
