@@ -380,11 +380,13 @@ def _op_args():
     }
 
 
+@pytest.mark.parametrize("namespace", ["deq_fast", "deq_fast_reference"])
 @pytest.mark.parametrize("name", list(_op_args()))
-def test_opcheck(name):
-    """Schema (declared mutations), fake kernel and AOT dispatch of every custom op."""
+def test_opcheck(name, namespace):
+    """Schema (declared mutations), fake kernel and AOT dispatch of every custom op (and of its
+    reference-only twin, what ``torch.compile`` traces for ``backend='reference'``)."""
     args = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in _op_args()[name])
-    torch.library.opcheck(getattr(torch.ops.deq_fast, name).default, args)
+    torch.library.opcheck(getattr(getattr(torch.ops, namespace), name).default, args)
 
 
 # ------------------------------------------------------------------------------- end to end

@@ -17,7 +17,7 @@ import torch
 import torch._dynamo
 
 import deq_fast
-from deq_fast.ops import extension
+from deq_fast.ops import dispatch, extension
 
 METHODS = ["anderson", "broyden", "fixed_point"]
 BACKENDS = ["cpp", "reference"]
@@ -87,6 +87,22 @@ def test_explain_reports_one_graph_and_no_break():
     # the fused ops are nodes of the graph (opaque), chosen at trace time
     assert {"deq_fast.residual_norms.default", "deq_fast.track_status.default"} <= ops or \
         {"deq_fast_reference.residual_norms.default", "deq_fast_reference.track_status.default"} <= ops
+
+
+def test_traced_table_is_the_eager_choice_as_registered_ops():
+    """What runs each op under compile is what runs eagerly: the registered op where a C++
+    kernel runs, the reference-only twin (no CPU kernel) where the reference does."""
+    for backend in BACKENDS:
+        if backend == "cpp" and not extension.available():
+            continue
+        eager = dispatch.get_ops(backend, torch.device("cpu"), torch.float32)
+        traced = dispatch.traced_ops(backend, torch.device("cpu"), torch.float32)
+        assert traced.ran == eager.ran
+        for name, ran in traced.ran.items():
+            namespace = torch.ops.deq_fast if ran == "cpp" else torch.ops.deq_fast_reference
+            assert getattr(traced, name) is getattr(namespace, name).default
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("deq_fast_reference::track_status",
+                                                              "CPU")
 
 
 def test_a_polling_solve_is_not_one_graph():
