@@ -158,10 +158,10 @@ class _DEQNet(torch.nn.Module):
         f = lambda z: torch.tanh(0.3 * z @ self.W.t() + u)  # noqa: E731
         if self.state == "tensor":
             zs, _ = self.deq(f, torch.zeros_like(u))
-            return zs[-1].square().mean()
+            return sum(z.square().mean() for z in zs)     # every sampled state (n_states)
         zs, _ = self.deq(lambda a, b: f(torch.cat([a, b], 1)).split([4, 6], 1),
                          (u.new_zeros(u.shape[0], 4), u.new_zeros(u.shape[0], 6)))
-        return sum(part.square().mean() for part in zs[-1])
+        return sum(part.square().mean() for z in zs for part in z)
 
 
 def _loss_and_grads(model, x):
@@ -169,16 +169,20 @@ def _loss_and_grads(model, x):
     return (loss, *torch.autograd.grad(loss, list(model.parameters())))
 
 
-@pytest.mark.parametrize("state,compiler", [
-    ("tensor", "aot_eager"),
-    pytest.param("tuple", "aot_eager", marks=pytest.mark.slow),
-    pytest.param("tensor", "inductor", marks=pytest.mark.slow),
-    pytest.param("tuple", "inductor", marks=pytest.mark.slow)])
-def test_deq_training_step_compiles_and_equals_eager(state, compiler, no_recompile):
+SAMPLED = dict(n_states=2, core="indexing")   # two states of one solve's trajectory
+
+
+@pytest.mark.parametrize("state,compiler,sampling", [
+    ("tensor", "aot_eager", {}),
+    pytest.param("tuple", "aot_eager", {}, marks=pytest.mark.slow),
+    pytest.param("tensor", "aot_eager", SAMPLED, marks=pytest.mark.slow),
+    pytest.param("tensor", "inductor", {}, marks=pytest.mark.slow),
+    pytest.param("tuple", "inductor", {}, marks=pytest.mark.slow)])
+def test_deq_training_step_compiles_and_equals_eager(state, compiler, sampling, no_recompile):
     """Loss and parameter gradients of the compiled layer (exact gradient: the captured backward)
     equal eager's (the C++/Python backward loop to its tolerance); a second batch reuses the
     graph. Negative check: the phantom gradient is not within the tolerance."""
-    model = _DEQNet(state).train()
+    model = _DEQNet(state, **sampling).train()
     compiled = torch.compile(model, backend=compiler, fullgraph=True)
     gen = torch.Generator().manual_seed(1)
     for _ in range(2):
