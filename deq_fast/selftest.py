@@ -5,18 +5,24 @@ Triton's interpreter (``TRITON_INTERPRET=1``, set here when absent, before Trito
 Prints one row per (op, shape, dtype): the max absolute error against the pure-torch reference
 (``deq_fast/ops``), the tolerance (per dtype, scaled by the reference's magnitude when above 1)
 and PASS/FAIL; then a short end-to-end solve per method with ``backend='triton'`` against
-``backend='reference'``. With ``--timing`` (CUDA only) it adds the time per call of the kernel and of
-the torch reference. Exit code 0 when every row passes, 1 otherwise, 2 when the kernels cannot run.
+``backend='reference'``; then (on CUDA, or on CPU with ``--capture``) each method's fixed-iteration
+solve eager against captured by ``torch.compile(fullgraph=True)`` (``mode="reduce-overhead"``:
+CUDA graphs; inductor on CPU). With ``--timing`` (CUDA, or CPU with ``--capture``) it adds the time
+per call of the kernel and of the torch reference (for the ``captured/`` rows: captured and eager
+microseconds per solve). Exit code 0 when every row passes, 1 otherwise, 2 when the kernels cannot
+run.
 
 Example:
     $ python -m deq_fast.selftest                 # CUDA: compiled kernels; CPU: the interpreter
     $ python -m deq_fast.selftest --timing        # + microseconds per call (CUDA)
+    $ python -m deq_fast.selftest --capture --timing   # CPU: + eager vs inductor per solve
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 import warnings
 from typing import Callable, Optional
 
@@ -35,7 +41,8 @@ from deq_fast.testing import (  # noqa: E402
     compare,
 )
 
-__all__ = ["main", "run_kernel_checks", "run_solve_checks", "run_cpp_cuda_checks", "cpp_cuda_cases"]
+__all__ = ["main", "run_kernel_checks", "run_solve_checks", "run_capture_checks",
+           "run_cpp_cuda_checks", "cpp_cuda_cases"]
 
 
 class _Inputs(Draws):
@@ -102,8 +109,13 @@ def _case(op: str, B: int, D: int, dtype: torch.dtype, big: bool, dev: str):
     raise ValueError(f"unknown op {op!r}")
 
 
-def _time_us(fn: Callable[[], None], reps: int = 50) -> float:
+def _time_us(fn: Callable[[], None], reps: int = 50, device: str = "cuda") -> float:
     fn()
+    if device != "cuda":
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - start) * 1e6 / reps
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -157,20 +169,25 @@ def run_kernel_checks(device: str, shapes: list, timing: bool = False,
     return rows
 
 
+METHODS = ("anderson", "broyden", "fixed_point")
+
+
+def _solve_problem(device: str, B: int = 3, D: int = 37) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``f(z) = tanh(z W + bias)`` on ``[B, D]`` states, ``||W||`` about 0.4 (float32)."""
+    gen = torch.Generator().manual_seed(0)
+    W = (torch.randn(D, D, generator=gen) * 0.4 / D ** 0.5).to(device)
+    bias = torch.randn(B, D, generator=gen).to(device)
+    return lambda z: torch.tanh(z @ W + bias)
+
+
 def run_solve_checks(device: str) -> list:
     """A short solve per method with backend 'triton' against 'reference' (float32)."""
     import deq_fast
 
-    gen = torch.Generator().manual_seed(0)
     B, D = 3, 37
-    W = (torch.randn(D, D, generator=gen) * 0.4 / D ** 0.5).to(device)
-    bias = torch.randn(B, D, generator=gen).to(device)
-
-    def f(z):
-        return torch.tanh(z @ W + bias)
-
+    f = _solve_problem(device, B, D)
     rows = []
-    for method in ("anderson", "broyden", "fixed_point"):
+    for method in METHODS:
         x0 = torch.zeros(B, D, device=device)
         try:
             got = deq_fast.solve(f, x0, method=method, max_iter=10, tol=1e-5, backend="triton")
@@ -181,6 +198,42 @@ def run_solve_checks(device: str) -> list:
             ok, err = False, float("nan")
             print(f"  solve/{method}: {type(exc).__name__}: {exc}", file=sys.stderr)
         rows.append((f"solve/{method}", f"{B}x{D}", "fp32", err, 1e-5, ok, None, None))
+    return rows
+
+
+def run_capture_checks(device: str, timing: bool = False, B: int = 3, D: int = 37) -> list:
+    """Eager against captured: each method's fixed-iteration solve (``check_every=0``, the
+    default backend) eager and under ``torch.compile(fullgraph=True)``: ``mode="reduce-overhead"``
+    (CUDA graphs) on CUDA, inductor's default mode on CPU.
+
+    Returns:
+        table rows ``(op, shape, dtype, max abs err, tol, ok, captured us, eager us)`` (the
+        times per solve with ``timing``, else None).
+    """
+    import deq_fast
+
+    f = _solve_problem(device, B, D)
+    x0 = torch.zeros(B, D, device=device)
+    mode = "reduce-overhead" if device == "cuda" else "default"
+    rows = []
+    for method in METHODS:
+        def eager(method=method) -> torch.Tensor:
+            return deq_fast.solve(f, x0, method=method, max_iter=10, check_every=0).z
+        err, tol, t_c, t_e = float("nan"), 0.0, None, None
+        try:
+            torch._dynamo.reset()
+            captured = torch.compile(eager, mode=mode, fullgraph=True)
+            for _ in range(3):          # reduce-overhead records its CUDA graph on a later call
+                got = captured().clone()  # (a CUDA graph's output is overwritten by the next replay)
+            err, scale = compare(got, eager())
+            tol = 1e-5 * scale
+            ok = err <= tol
+            if timing:
+                t_c, t_e = _time_us(captured, device=device), _time_us(eager, device=device)
+        except Exception as exc:                                         # reported, not raised
+            ok = False
+            print(f"  captured/{method}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        rows.append((f"captured/{method}", f"{B}x{D}", "fp32", err, tol, ok, t_c, t_e))
     return rows
 
 
@@ -273,6 +326,9 @@ def main(argv: Optional[list] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--timing", action="store_true",
                         help="also time kernel and reference per call (CUDA only)")
+    parser.add_argument("--capture", action="store_true",
+                        help="on CPU, also compare eager and torch.compile'd solves (inductor "
+                             "builds C++: about a minute); always done on CUDA")
     args = parser.parse_args(argv)
     # the interpreter evaluates with numpy, which warns where a kernel divides by zero on purpose
     # (Broyden's den = 0, a singular Anderson system) before masking the result
@@ -297,7 +353,9 @@ def main(argv: Optional[list] = None) -> int:
     from deq_fast.ops import extension
     if device == "cuda" and extension.available():   # the C++ CUDA kernels of deq_fast._C
         rows += run_cpp_cuda_checks()
-    _print(rows, args.timing and device == "cuda")
+    if device == "cuda" or args.capture:
+        rows += run_capture_checks(device, args.timing)
+    _print(rows, args.timing and (device == "cuda" or args.capture))
     failed = sum(not r[5] for r in rows)
     print(f"{len(rows) - failed}/{len(rows)} passed")
     return 0 if failed == 0 else 1

@@ -4,7 +4,8 @@
 when built, the Python reference loop otherwise) and :func:`shine_apply`;
 :mod:`~deq_fast.implicit.reference` the Python reference loop (per-iteration steps from
 :mod:`deq_fast.ops.backward`); :mod:`~deq_fast.implicit.grad` the gradient functions a DEQ layer
-attaches (exact, phantom, JFB).
+attaches (exact, phantom, JFB; the exact one in a form ``torch.compile`` captures).
 
-Imports only :mod:`deq_fast.ops` below it.
+Imports only :mod:`deq_fast.ops` and :mod:`deq_fast.solvers` (the captured backward's adjoint
+solve) below it.
 """

@@ -9,6 +9,12 @@ whose backward is the chosen gradient:
 * **phantom** (:func:`phantom_grad`): ``k`` tracked damped steps ``z <- tau f(z) + (1 - tau) z``
   (TorchDEQ's ``ift=False`` gradient, with its ``sup_gap``/``sup_loc`` trajectory sampling).
 * **JFB**: the phantom gradient with ``k = 1``, ``tau = 1``.
+* **exact, captured** (:class:`CapturedImplicitGrad`): what a DEQ layer attaches for the exact
+  gradient while ``torch.compile`` traces it. The same linear system, solved with no host
+  interaction so that Dynamo traces the backward into the compiled graph: the VJP is
+  ``torch.func.vjp`` of ``f`` at ``z*`` (recomputed in the backward), and the system
+  ``g = grad + J^T g`` is itself a fixed point, solved by :func:`deq_fast.solve` for exactly
+  ``max_iter`` iterations (``check_every=0``), its lowest-residual iterate returned.
 
 :func:`grad_plan` turns a module's gradient mode into one :class:`GradSpec` per sampled state.
 """
@@ -23,9 +29,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from deq_fast.implicit.backward import implicit_backward
+from deq_fast.solvers.api import solve
 
-__all__ = ["GradMethod", "GradSpec", "BackwardConfig", "ImplicitGrad", "BackwardNotConverged",
-           "phantom_grad", "needs_grad_beyond", "grad_plan"]
+__all__ = ["GradMethod", "GradSpec", "BackwardConfig", "ImplicitGrad", "CapturedImplicitGrad",
+           "CAPTURED_METHODS", "BackwardNotConverged", "phantom_grad", "needs_grad_beyond",
+           "grad_plan"]
 
 
 class BackwardNotConverged(UserWarning):
@@ -145,6 +153,46 @@ class ImplicitGrad(torch.autograd.Function):
         if cfg.writer is not None:
             cfg.writer(binfo)
         return g, None, None
+
+
+#: backward method -> the fixed-iteration solver that runs it under torch.compile (GMRES and
+#: ``auto``, whose restarts need host decisions, become Anderson on the same system)
+CAPTURED_METHODS = {"auto": "anderson", "gmres": "anderson", "anderson": "anderson",
+                    "broyden": "broyden", "fixed_point": "fixed_point"}
+
+
+class CapturedImplicitGrad(torch.autograd.Function):
+    """:class:`ImplicitGrad` in a form Dynamo traces (``torch.compile(fullgraph=True)``).
+
+    Identity on ``fz = f(z*)``; the backward solves ``g = grad + J^T g`` (``J = df/dz`` at
+    ``z*``) as the fixed point of ``u -> grad + vjp(u)`` with :func:`deq_fast.solve`, exactly
+    ``cfg.max_iter`` iterations (no host interaction), starting from ``grad``, and returns the
+    lowest-residual iterate (relative residual, as ``cfg.tol`` is); autograd then carries ``g``
+    through ``fz``'s graph into the parameters and inputs of ``f``. ``z*`` needs no gradient:
+    the VJP is ``torch.func.vjp(func, z*)``, recomputed in the backward. Nothing is recorded in
+    ``cfg.info`` (that would read the device) and the writer is not called.
+
+    Call: ``CapturedImplicitGrad.apply(fz, z, func, cfg)`` with ``fz``, ``z`` ``[B, D]``, ``func``
+    the map ``[B, D] -> [B, D]`` and a :class:`BackwardConfig` whose method is a key of
+    :data:`CAPTURED_METHODS`.
+    """
+
+    @staticmethod
+    def forward(ctx, fz: torch.Tensor, z: torch.Tensor, func: Callable[[torch.Tensor], torch.Tensor],
+                cfg: BackwardConfig) -> torch.Tensor:
+        ctx.func, ctx.cfg = func, cfg
+        ctx.save_for_backward(z)
+        return fz.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (z,) = ctx.saved_tensors
+        with torch.enable_grad():
+            _, vjp = torch.func.vjp(ctx.func, z.detach())
+        cfg: BackwardConfig = ctx.cfg
+        g = solve(lambda u: grad + vjp(u)[0], grad, CAPTURED_METHODS[cfg.method],
+                  max_iter=cfg.max_iter, tol=cfg.tol, check_every=0).z
+        return g, None, None, None
 
 
 def needs_grad_beyond(fz: torch.Tensor, z: torch.Tensor) -> bool:

@@ -53,8 +53,10 @@ from torch import nn
 from deq_fast.compat.torchdeq import get_solver
 from deq_fast.implicit.backward import METHODS as BACKWARD_METHODS
 from deq_fast.implicit.grad import (
+    CAPTURED_METHODS,
     BackwardConfig,
     BackwardNotConverged,
+    CapturedImplicitGrad,
     GradMethod,
     GradSpec,
     ImplicitGrad,
@@ -146,11 +148,15 @@ class _FlatFunc:
 
     def __call__(self, zf: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
         self.nfe += 1
+        fz = self.evaluate(zf)
+        return fz if tau == 1.0 else tau * fz + (1.0 - tau) * zf
+
+    def evaluate(self, zf: torch.Tensor) -> torch.Tensor:
+        """``func`` on a flat state, not counted (the captured backward's VJPs)."""
         z = self.packer.unpack(zf)
         out = self.func(z) if self.packer.is_tensor else self.func(*z)
         _check_output(self.packer, out)
-        fz = self.packer.pack(out)
-        return fz if tau == 1.0 else tau * fz + (1.0 - tau) * zf
+        return self.packer.pack(out)
 
 
 def _ignore_extra_keywords(kwargs: dict) -> None:
@@ -187,6 +193,11 @@ class DEQ(nn.Module):
         ``info``: TorchDEQ's keys (``abs_lowest``, ``rel_lowest``, ``nstep``, traces when the
         solver gives them, ``sradius``) plus ``nfe`` (forward evaluations of ``func``) and, after
         a backward, ``b_nvjp``, ``b_rel_residual``, ``b_converged``, ``b_method``.
+
+    Under ``torch.compile(fullgraph=True)`` the forward solver runs ``check_every=0`` (exactly
+    ``f_max_iter`` iterations) unless ``solver_kwargs`` say otherwise, and the exact gradient is
+    :class:`~deq_fast.implicit.grad.CapturedImplicitGrad` (``b_max_iter`` iterations of the
+    adjoint fixed point; no ``b_*`` keys are recorded); ``grad_mode='shine'`` raises there.
 
     Example:
         >>> deq = get_deq(f_solver="anderson", f_max_iter=30, f_tol=1e-6)
@@ -282,6 +293,8 @@ class DEQ(nn.Module):
             return phantom_grad(ffunc, z_star, kind.steps, kind.tau, self.sup_gap, self.sup_loc)
         if not torch.is_grad_enabled():   # e.g. a training-mode forward under torch.no_grad()
             return [ffunc(z_star)]
+        if torch.compiler.is_compiling():
+            return [self._captured_exact(ffunc, z_star, info, writer)]
         z = z_star.requires_grad_()
         fz = ffunc(z)
         if not needs_grad_beyond(fz, z):  # no parameter or input of func needs a gradient
@@ -289,6 +302,23 @@ class DEQ(nn.Module):
         cfg = BackwardConfig(method=self.b_method, max_iter=self.b_max_iter, tol=self.b_tol,
                              factors=factors, info=info, writer=writer)
         return [ImplicitGrad.apply(fz, z, cfg)]
+
+    def _check_capturable(self) -> None:
+        """Under ``torch.compile`` with grad enabled: raise for SHINE, whose forward Broyden
+        factors come from a solve that polls the host; name what can be captured."""
+        if self.grad_mode == "shine" or (self.grad_mode == "exact"
+                                          and self.b_method not in CAPTURED_METHODS):
+            raise NotImplementedError(
+                f"torch.compile of a DEQ layer supports grad_mode 'exact' (b_method one of "
+                f"{sorted(CAPTURED_METHODS)}), 'phantom' and 'jfb'; got grad_mode="
+                f"{self.grad_mode!r}, b_method={self.b_method!r}")
+
+    def _captured_exact(self, ffunc, z_star, info, writer) -> torch.Tensor:
+        """The exact gradient under ``torch.compile``: :class:`CapturedImplicitGrad` (no walk of
+        the autograd graph, no host interaction; see ``docs/design.md``, Full-graph capture)."""
+        cfg = BackwardConfig(method=self.b_method, max_iter=self.b_max_iter, tol=self.b_tol,
+                             factors=None, info=info, writer=writer)
+        return CapturedImplicitGrad.apply(ffunc(z_star), z_star, ffunc.evaluate, cfg)
 
     # ------------------------------------------------------------------ the three forward paths
     def _forward_eval(self, ffunc, z0, max_iter, skw, info, writer) -> list[torch.Tensor]:
@@ -343,6 +373,11 @@ class DEQ(nn.Module):
         ffunc = _FlatFunc(func, packer)
         z0 = packer.pack(z_init).detach()
         skw = dict(solver_kwargs or {})
+        if torch.compiler.is_compiling():
+            if torch.is_grad_enabled():
+                self._check_capturable()
+            if "kwargs" in self._f_solver_params:
+                skw.setdefault("check_every", 0)   # a fixed iteration count: no host look
         f_max_iter = skw.pop("f_max_iter", None)
         info: dict = {}
         if not self.training:

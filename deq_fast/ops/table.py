@@ -19,6 +19,12 @@ dispatcher, once:
 * ``Meta``: the fake kernel (``torch.library.register_fake``), for ``torch.compile`` and
   ``opcheck``; the solver ops only mutate their arguments, so theirs returns nothing.
 
+The solver ops are declared a second time in the namespace ``deq_fast_reference``
+(``torch.ops.deq_fast_reference.<op>``: the same schema and fake, the reference as the only
+kernel): the ``reference`` backend's ops under ``torch.compile``, where Dynamo cannot trace the
+references' ``out=`` writes into strided views and must see an opaque op, as for the others.
+All registration happens here, at import, never on a traced path.
+
 So ``torch.ops.deq_fast.broyden_dots`` runs the fused C++ kernel on CPU tensors when the extension
 is built, the Triton kernel on CUDA tensors, and the reference anywhere else -- chosen by the
 dispatcher, not by an ``if`` on the device. :func:`deq_fast.ops.dispatch.get_ops` builds the
@@ -52,6 +58,7 @@ __all__ = ["OpSpec", "OPS", "OPS_BY_NAME", "SOLVER_OPS", "REFERENCE", "has_kerne
            "register_triton"]
 
 NAMESPACE = "deq_fast"
+REFERENCE_NAMESPACE = "deq_fast_reference"  # the solver ops with only their reference kernel
 
 
 def _no_output(*args: Any, **kwargs: Any) -> None:
@@ -224,16 +231,23 @@ def _triton_kernel(spec: OpSpec, launcher: Callable[..., None]) -> Callable[...,
     return kernel
 
 
-def _register(lib: torch.library.Library) -> None:
-    """Schemas, references and fakes of every row of :data:`OPS` (at import)."""
+def _register(lib: torch.library.Library, reference_lib: torch.library.Library) -> None:
+    """Schemas, references and fakes of every row of :data:`OPS` (at import), and the solver
+    ops' reference-only twins in :data:`REFERENCE_NAMESPACE`."""
     extension.load()  # the C++ schemas and kernels first: what they hold is left in place
     for spec in OPS:
         if spec.schema is not None:
-            lib.define(spec.name + spec.schema)
-            lib.impl(spec.name, spec.reference, "CompositeExplicitAutograd")
-        elif not _has_schema(spec.qualname):
-            continue  # a C++ op and deq_fast._C is not built: callers take the reference
-        torch.library.register_fake(spec.qualname, spec.fake, lib=lib)
+            _define(lib, spec)
+            _define(reference_lib, spec)
+        elif _has_schema(spec.qualname):
+            torch.library.register_fake(spec.qualname, spec.fake, lib=lib)
+        # else: a C++ op and deq_fast._C is not built: callers take the reference
+
+
+def _define(lib: torch.library.Library, spec: OpSpec) -> None:
+    lib.define(spec.name + spec.schema)
+    lib.impl(spec.name, spec.reference, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{lib.ns}::{spec.name}", spec.fake, lib=lib)
 
 
 @functools.lru_cache(maxsize=None)
@@ -262,5 +276,7 @@ def register_triton() -> tuple[str, ...]:
     return devices
 
 
-_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")  # kept alive: dropping it deregisters
-_register(_LIB)
+# kept alive: dropping a Library deregisters what it registered
+_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
+_REFERENCE_LIB = torch.library.Library(REFERENCE_NAMESPACE, "DEF")
+_register(_LIB, _REFERENCE_LIB)

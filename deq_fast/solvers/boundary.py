@@ -41,4 +41,11 @@ def prepare(func: Callable, x0: State, backend: Optional[str]
         raise ValueError(f"func must be callable, got {type(func).__name__}")
     packer = Packer(x0, "x0")
     x0_flat = packer.pack(x0).detach().contiguous()
-    return packer, packer.wrap(func, "f"), x0_flat, backends.resolve_backend(x0_flat.device, backend)
+    return packer, packer.wrap(func, "f"), x0_flat, _resolve(x0_flat.device.type, backend)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(device_type: str, backend: Optional[str]) -> str:
+    # under torch.compile, Dynamo calls this at trace time and keeps the name as a constant (the
+    # environment and Triton's import are read then, not traced)
+    return backends.resolve_backend(torch.device(device_type), backend)

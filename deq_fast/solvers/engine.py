@@ -114,7 +114,9 @@ class _Tracker:
         if e < opt.track_from:
             self.improved.zero_()
             return
-        if self.indexing:
+        if self.indexing and not torch.compiler.is_compiling():
+            # lets the caller drop copies taken after the batch stopped, with a host read; under
+            # torch.compile they are kept: a stopped batch is frozen, so they equal the final best
             st.index_live.append(st.active.any())
         step = e + opt.step_offset
         self.ops.track_status(sq, st.lowest, st.best_step, st.trace, st.active, self.improved,

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["StopPoll", "make_poll"]
+__all__ = ["StopPoll", "NeverPoll", "make_poll"]
 
 
 class StopPoll:
@@ -83,8 +83,18 @@ class AsyncPoll(StopPoll):
         return stop
 
 
+class NeverPoll(StopPoll):
+    """``every=0``: never looks (touches neither the flags nor the host; traceable by Dynamo)."""
+
+    def should_stop(self, count: int) -> bool:
+        return False
+
+
 def make_poll(active: torch.Tensor, every: int) -> StopPoll:
-    """The poller for ``active``'s device: :class:`HostPoll` on CPU, else :class:`AsyncPoll`."""
+    """The poller for ``active``'s device: :class:`NeverPoll` for ``every=0``, :class:`HostPoll`
+    on CPU, else :class:`AsyncPoll`."""
+    if every == 0:
+        return NeverPoll(active, every)
     if active.device.type == "cpu":
         return HostPoll(active, every)
     return AsyncPoll(active, every)
