@@ -113,11 +113,13 @@ def _record_backward(cfg: BackwardConfig, binfo: dict, grad: torch.Tensor) -> No
     res = binfo.get("rel_residual")
     worst = (float(torch.as_tensor(res)[failed].double().max()) if res is not None
              else float("nan"))
-    warnings.warn(f"DEQ backward solve ({binfo.get('method')}) did not reach tol={cfg.tol:g} in "
+    method = binfo.get("method")
+    try_gmres = "" if method == "gmres" else "try b_solver='gmres', "
+    warnings.warn(f"DEQ backward solve ({method}) did not reach tol={cfg.tol:g} in "
                   f"{cfg.max_iter} iterations for {n_failed} of {failed.numel()} samples (worst "
                   f"relative residual {worst:.3g}); using each sample's best iterate. Common "
-                  "early in training; if it persists: raise b_max_iter or b_tol, try "
-                  "b_solver='gmres', or use the phantom gradient (grad_mode='phantom', TorchDEQ: "
+                  f"early in training; if it persists: raise b_max_iter or b_tol, {try_gmres}"
+                  "or use the phantom gradient (grad_mode='phantom', TorchDEQ: "
                   "ift=False), which needs no backward solve. A residual far above tol means f is "
                   "not contractive at z* (weight normalisation or jac_loss_weight help)",
                   BackwardNotConverged, stacklevel=3)
