@@ -17,12 +17,14 @@ bandwidth floor, from three sources:
 
 Model (all of it in :func:`kernel_time`): a kernel is ``P`` programs of ``W`` bytes each, every
 program making ``trips`` dependent round trips to DRAM in sequence (loop steps × round trips
-per step, + 1 for its prologue and epilogue). ``R`` programs fit on an SM (warps, registers,
-shared memory and block limits, :func:`resident_per_sm`), so the GPU runs them in waves of at
-most ``C = SMs·R``. A wave of ``p`` programs takes ``max(trips·latency, p·W / peak_bandwidth)``:
-Little's law (achieved bandwidth = bytes in flight / latency, ``p·W/trips`` bytes in flight),
-capped by the peak. Waves run one after the other (wave quantisation). Writes count towards the
-bytes moved, not the bytes in flight (stores do not wait for DRAM).
+per step, + 1 for its prologue and epilogue: :func:`loop_trips`). ``R`` programs fit on an SM
+(warps, registers, shared memory and block limits, :func:`resident_per_sm`), so the GPU runs
+them in waves of at most ``C = SMs·R``. A wave of ``p`` programs takes
+``max(trips·latency, p·W / peak_bandwidth)``: Little's law (achieved bandwidth = bytes in
+flight / latency, ``p·W/trips`` bytes in flight), capped by the peak. Waves run one after the
+other (wave quantisation); a kernel's fixed cost (``KernelShape.fixed_s``: scalar work,
+barriers; zero for the solver kernels) is added once. Writes count towards the bytes moved,
+not the bytes in flight (stores do not wait for DRAM).
 
 Floors, in units of ``B·D·s`` (``s`` the state element size), the DRAM traffic an iteration
 cannot avoid:
@@ -57,9 +59,12 @@ Usage::
     python benchmarks/gpu_model.py --gpu a100 --dtype bf16 --json out.json
     python benchmarks/gpu_model.py --markdown             # the README table
 
-CUDA backward kernels (or any kernel) enter as :class:`KernelShape` data: blocks, warps,
-registers, shared memory, bytes moved and bytes in flight per block (see
-:meth:`KernelShape.from_threads`), and :func:`kernel_time` predicts them the same way.
+One model, two entry points: this file (the Triton solver iterations) and
+``gpu_model_backward.py`` (the CUDA backward ops), which describes its kernels as
+:class:`KernelShape` data (blocks, warps, registers, shared memory, bytes moved and read, round
+trips from :func:`loop_trips`, a fixed cost ``fixed_s`` for scalar work) and times them with this
+file's :data:`GPUS`, :func:`resident_per_sm` and :func:`kernel_time`. Any other kernel enters the
+same way (:meth:`KernelShape.from_threads`: round trips from the bytes each thread keeps in flight).
 """
 from __future__ import annotations
 
@@ -120,11 +125,13 @@ class KernelShape:
         name: for the tables.
         programs: blocks in the grid.
         warps: per block.
-        regs_per_thread: from the compiled kernel.
+        regs_per_thread: from the compiled kernel (0: not known, registers do not limit).
         shared_bytes: per block (static + dynamic).
         bytes_moved: DRAM bytes of the whole launch (reads and writes).
         trips: dependent DRAM round trips each block makes one after the other.
         bytes_read: DRAM bytes read by the whole launch (what is in flight), ``<= bytes_moved``.
+        fixed_s: the kernel's fixed cost besides its DRAM traffic (scalar work, barriers),
+            added once to the launch.
     """
     name: str
     programs: int
@@ -134,6 +141,7 @@ class KernelShape:
     bytes_moved: float
     trips: int
     bytes_read: float
+    fixed_s: float = 0.0
 
     @classmethod
     def from_threads(cls, name: str, programs: int, threads: int, regs_per_thread: int,
@@ -161,6 +169,12 @@ def resident_per_sm(k: KernelShape, gpu: GPU) -> int:
     return max(0, min(gpu.blocks_per_sm, by_warps, by_regs, by_smem))
 
 
+def loop_trips(steps: int, trips_per_step: int) -> int:
+    """Dependent round trips of a block: its loop steps x round trips per step, + 1 for the
+    prologue and epilogue."""
+    return steps * max(trips_per_step, 1) + 1
+
+
 def wave_sizes(programs: int, per_wave: int) -> list:
     """Programs in each wave: full waves of ``per_wave``, then the remainder."""
     full, rest = divmod(programs, per_wave)
@@ -181,14 +195,14 @@ class KernelTime:
 
 
 def kernel_time(k: KernelShape, gpu: GPU) -> KernelTime:
-    """Little's law per wave, capped by the peak bandwidth, waves in sequence."""
+    """Little's law per wave, capped by the peak bandwidth, waves in sequence, + ``k.fixed_s``."""
     resident = resident_per_sm(k, gpu)
     if resident == 0:
         raise ValueError(f"{k.name}: no block fits on an SM of the {gpu.name}")
     waves = wave_sizes(k.programs, gpu.sms * resident)
     per_program = k.bytes_moved / k.programs
     latency = k.trips * gpu.dram_latency_s
-    time = sum(max(latency, p * per_program / gpu.dram_bytes_per_s) for p in waves)
+    time = sum(max(latency, p * per_program / gpu.dram_bytes_per_s) for p in waves) + k.fixed_s
     per_sm = min(resident, math.ceil(k.programs / gpu.sms))
     bound = ("bandwidth" if waves[0] * per_program / gpu.dram_bytes_per_s >= latency
              else "latency")
@@ -259,7 +273,7 @@ def triton_kernel_shape(launch, facts) -> KernelShape:
     steps = math.ceil(t.extent / programs / launch.options[t.block])
     return KernelShape(launch.kernel, programs, facts.num_warps, facts.n_regs,
                        facts.shared_bytes, t.read + t.written,
-                       steps * max(facts.round_trips, 1) + 1, t.read)
+                       loop_trips(steps, facts.round_trips), t.read)
 
 
 # ----------------------------------------------------------------------------- iterations

@@ -6,13 +6,19 @@ Launch shapes are data (:data:`CU`) mirroring the constants of ``backward_ops.cu
 them from the source so that the two cannot drift. Registers per thread are ``ptxas -v`` figures
 for sm_90 (:data:`REGISTERS`, from ``.ci/cuda_build_check.sh``'s build log).
 
-Model (:func:`kernel_time`): a pass is ``P`` blocks of ``W`` bytes; ``R`` blocks fit on an SM
-(warps, registers, shared memory), so it runs in waves of ``SMs·R``; each block makes ``trips``
-dependent DRAM round trips in sequence (its loop iterations x round trips per iteration, + 1 for
-the prologue and the partial-sum write). A wave of ``p`` blocks takes
-``max(trips·latency, p·W / peak)`` (Little's law, capped by the peak bandwidth). A finalise kernel
-(one block per sample reading ``chunks x values`` partials, then ``O(m^2)``-``O(m^3)`` scalar math
-on one thread) costs one latency plus its scalar work (:data:`SCALAR_OP_S` per flop).
+The model is :mod:`gpu_model`'s, this is its second entry point (the first, ``gpu_model.py``,
+models the Triton solver iterations): the GPUs (``GPUS``), the occupancy
+(``resident_per_sm``), the round trips (``loop_trips``) and the time (``kernel_time``) are
+imported from it; this file only describes the backward kernels as ``KernelShape`` data. A pass is
+``P`` blocks of ``W`` bytes; ``R`` blocks fit on an SM (warps, registers, shared memory), so it
+runs in waves of ``SMs·R``; each block makes ``trips`` dependent DRAM round trips in sequence (its
+loop iterations x round trips per iteration, + 1 for the prologue and the partial-sum write). A
+wave of ``p`` blocks takes ``max(trips·latency, p·W / peak)`` (Little's law, capped by the peak
+bandwidth). A finalise kernel (one block per sample reading ``chunks x values`` partials,
+``kFinaliseThreads`` at a time, then ``O(m^2)``-``O(m^3)`` scalar math on one thread) is a kernel of
+``1 + min(loads, chunks)`` round trips with a fixed cost (``KernelShape.fixed_s``) for its scalar
+work (:data:`SCALAR_OP_S` per flop). "KB in flight/SM" (``--verbose``) is the model's: DRAM bytes
+read per block per round trip, averaged over the block's trips, times the blocks on an SM.
 
 Floors, in units of ``B·D·s`` (``s`` the element size):
 
@@ -23,13 +29,14 @@ Floors, in units of ``B·D·s`` (``s`` the element size):
   (repeated reads of a chunk by the column groups of one chunk run together and hit L2; not
   counted).
 
-Assumptions (not measured; no GPU was available): H100 SXM5 132 SMs, 3.35 TB/s, 650 ns loaded
-DRAM latency, 64 warps / 65,536 registers / 228 KB shared memory / 32 blocks per SM; A100 SXM4
-108 SMs, 2.039 TB/s, 600 ns, 164 KB. Loads of one loop iteration are in flight together (the
-unrolled column loops: ``kColumnUnroll`` columns at a time), iterations do not overlap (the
-``#pragma unroll 2`` of the element loop is not credited); stores do not wait. The old kernels:
-one 256-thread block per sample, scalar loads, one round trip per element-loop iteration, modified
-Gram-Schmidt (two passes per basis column), a block reduction (two barriers, ~2 us) per dot.
+Assumptions (not measured; no GPU was available): the GPUs of ``gpu_model.py`` (H100 SXM5 132
+SMs, 3.35 TB/s, 650 ns loaded DRAM latency, 64 warps / 65,536 registers / 228 KB shared memory /
+32 blocks per SM; A100 SXM4 108 SMs, 2.039 TB/s, 600 ns, 164 KB). Loads of one loop iteration
+are in flight together (the unrolled column loops: ``kColumnUnroll`` columns at a time),
+iterations do not overlap (the ``#pragma unroll 2`` of the element loop is not credited); stores
+do not wait. The old kernels: one 256-thread block per sample, scalar loads, one round trip per
+element-loop iteration, modified Gram-Schmidt (two passes per basis column), a block reduction
+(two barriers, ~2 us) per dot; their registers are not known (occupancy by warps only).
 
 Usage::
 
@@ -39,38 +46,28 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import math
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Optional, Sequence
 
-# ----------------------------------------------------------------------------- GPUs as data
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpu_model import (  # noqa: E402  (the one model: GPUs, occupancy, Little's law, waves)
+    GPU,
+    GPUS,
+    KernelShape,
+    KernelTime,
+    kernel_time,
+    loop_trips,
+    resident_per_sm,
+)
 
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    sms: int
-    dram_bytes_per_s: float
-    dram_latency_s: float
-    smem_per_sm: int
-    warps_per_sm: int = 64
-    regs_per_sm: int = 65536
-    blocks_per_sm: int = 32
-    reg_alloc_unit: int = 256
-
-    @property
-    def bytes_in_flight_needed(self) -> float:
-        """Per SM, to reach the peak (Little's law)."""
-        return self.dram_bytes_per_s * self.dram_latency_s / self.sms
-
-
-GPUS = {
-    "h100": GPU("H100 SXM5", 132, 3.35e12, 650e-9, 228 * 1024),
-    "a100": GPU("A100 SXM4 80GB", 108, 2.039e12, 600e-9, 164 * 1024),
-}
 SCALAR_OP_S = 2e-9          # one dependent double flop on one thread, with its shared-memory access
 LAUNCH_GAP_S = 1.5e-6       # back-to-back launches on one stream (not in the kernel times)
 OLD_BLOCK_REDUCE_S = 2e-6   # the old kernels' block_sum: two barriers and a serial warp loop
+SHARED_BYTES = 2048         # static shared memory per block of the split-D kernels
+PARTIAL_BYTES = 8           # the partial sums are doubles
 
 # ----------------------------------------------------------------------------- the .cu as data
 
@@ -149,11 +146,10 @@ class Shape:
         return float(self.B * self.D * self.s)
 
 
-def resident_per_sm(regs: int, threads: int, smem: int, gpu: GPU) -> int:
-    warps = -(-threads // 32)
-    regs_per_warp = math.ceil(regs * 32 / gpu.reg_alloc_unit) * gpu.reg_alloc_unit
-    return max(0, min(gpu.blocks_per_sm, gpu.warps_per_sm // warps,
-                      gpu.regs_per_sm // regs_per_warp // warps, gpu.smem_per_sm // (smem + 1024)))
+def cuda_block(name: str, regs: int, threads: int = CU["kThreads"],
+               shared: int = SHARED_BYTES) -> KernelShape:
+    """One block of a kernel, what its occupancy needs (grid and traffic: :func:`dataclasses.replace`)."""
+    return KernelShape(name, 1, -(-threads // 32), regs, shared, 0.0, 1, 0.0)
 
 
 def chunks(shape: Shape, resident: int, groups: int, gpu: GPU) -> int:
@@ -164,47 +160,28 @@ def chunks(shape: Shape, resident: int, groups: int, gpu: GPU) -> int:
     return min(fill, most, CU["kMaxChunks"])
 
 
-@dataclass(frozen=True)
-class PassTime:
-    name: str
-    time_s: float
-    bytes_moved: float
-    blocks: int
-    per_sm: int
-    in_flight_per_sm: float
-
-
-def kernel_time(name: str, blocks: int, resident: int, trips: int, bytes_moved: float,
-                in_flight_per_block: float, gpu: GPU) -> PassTime:
-    """Little's law per wave, capped by the peak bandwidth, waves in sequence."""
-    per_wave = gpu.sms * resident
-    full, rest = divmod(blocks, per_wave)
-    waves = [per_wave] * full + ([rest] if rest else [])
-    per_block = bytes_moved / blocks
-    t = sum(max(trips * gpu.dram_latency_s, p * per_block / gpu.dram_bytes_per_s) for p in waves)
-    per_sm = min(resident, -(-blocks // gpu.sms))
-    return PassTime(name, t, bytes_moved, blocks, per_sm, per_sm * in_flight_per_block)
-
-
 def pass_time(p: Pass, shape: Shape, gpu: GPU, dtype_index: int) -> tuple:
-    """(PassTime, chunks) of one split-D pass."""
+    """(KernelTime, chunks) of one split-D pass."""
     threads = CU["kThreads"]
-    resident = resident_per_sm(REGISTERS[p.kernel][dtype_index], threads, 2048, gpu)
-    n_chunks = chunks(shape, resident, p.groups, gpu)
+    block = cuda_block(p.kernel, REGISTERS[p.kernel][dtype_index])
+    n_chunks = chunks(shape, resident_per_sm(block, gpu), p.groups, gpu)
     blocks = max(1, round(shape.B * p.samples)) * n_chunks * p.groups
     iters = -(-shape.nvec // n_chunks) // threads + 1
-    cols = p.columns if p.unrolled else min(p.columns, CU["kColumnUnroll"])
     col_trips = 1 if p.unrolled or p.columns == 0 else -(-p.columns // CU["kColumnUnroll"])
-    trips = iters * col_trips + 1
-    in_flight = threads * 16 * (p.streams + cols)
-    moved = (p.read + p.written) * shape.state_bytes * p.samples
-    return kernel_time(p.kernel, blocks, min(resident, CU["kBlocksPerSm"]), trips, moved,
-                       in_flight, gpu), n_chunks
+    k = replace(block, programs=blocks, trips=loop_trips(iters, col_trips),
+                bytes_moved=(p.read + p.written) * shape.state_bytes * p.samples,
+                bytes_read=p.read * shape.state_bytes * p.samples)
+    return kernel_time(k, gpu), n_chunks
 
 
-def finalise_time(f: Finalise, n_chunks: int, gpu: GPU) -> float:
+def finalise_time(f: Finalise, n_chunks: int, shape: Shape, gpu: GPU) -> KernelTime:
+    """One block per sample: thread loads of the partials in sequence, then the scalar work."""
     reads = -(-n_chunks * f.values // CU["kFinaliseThreads"])
-    return (1 + min(reads, n_chunks)) * gpu.dram_latency_s + f.flops * SCALAR_OP_S
+    read = shape.B * n_chunks * f.values * PARTIAL_BYTES
+    k = replace(cuda_block("finalise", 0, CU["kFinaliseThreads"], 0), programs=shape.B,
+                trips=1 + min(reads, n_chunks), bytes_moved=read, bytes_read=read,
+                fixed_s=f.flops * SCALAR_OP_S)
+    return kernel_time(k, gpu)
 
 
 # ----------------------------------------------------------------------------- the ops
@@ -265,40 +242,41 @@ class OpTime:
 
 
 def old_time(op: Op, shape: Shape, gpu: GPU) -> float:
-    """One 256-thread block per sample, scalar loads: per pass over D, one round trip per
-    element-loop iteration (the bytes of B blocks in flight), plus its block reductions."""
+    """One 256-thread block per sample, scalar loads (registers not known: they do not limit):
+    per pass over D, one round trip per element-loop iteration, plus its block reductions."""
     threads = 256
-    blocks = shape.B
-    resident = min(gpu.warps_per_sm // (threads // 32), 8)
+    block = cuda_block("old", 0, threads, 0)
     t = 0.0
     for streams, reductions in op.old:
         moved = max(streams, 1) * shape.state_bytes
-        iters = -(-shape.D // threads)
-        t += kernel_time("old", blocks, resident, iters + 1, moved,
-                         threads * shape.s * max(streams, 1), gpu).time_s
-        t += reductions * OLD_BLOCK_REDUCE_S
+        k = replace(block, programs=shape.B, trips=loop_trips(-(-shape.D // threads), 1),
+                    bytes_moved=moved, bytes_read=moved,
+                    fixed_s=reductions * OLD_BLOCK_REDUCE_S)
+        t += kernel_time(k, gpu).time_s
     return t
+
+
+def step_time(step, n_chunks: int, shape: Shape, gpu: GPU, dtype_index: int) -> tuple:
+    """(seconds, chunks of the last pass, description) of a Pass or a Finalise."""
+    if isinstance(step, Finalise):
+        ft = finalise_time(step, n_chunks, shape, gpu)
+        return ft.time_s, n_chunks, f"finalise {ft.time_s * 1e6:.1f} us"
+    pt, n_chunks = pass_time(step, shape, gpu, dtype_index)
+    return pt.time_s, n_chunks, (
+        f"{step.kernel}: {pt.programs} blocks ({n_chunks} chunks x {step.groups} groups), "
+        f"{pt.per_sm}/SM, {pt.in_flight_per_sm / 1024:.0f} KB in flight/SM, "
+        f"{pt.time_s * 1e6:.1f} us")
 
 
 def model_op(op: Op, shape: Shape, gpu: GPU, dtype_index: int) -> OpTime:
     t, n_chunks, parts = 0.0, 1, []
-    launches = 0
     for step in op.steps:
-        launches += 1
-        if isinstance(step, Pass):
-            pt, n_chunks = pass_time(step, shape, gpu, dtype_index)
-            t += pt.time_s
-            parts.append(f"{step.kernel}: {pt.blocks} blocks ({n_chunks} chunks x "
-                         f"{step.groups} groups), {pt.per_sm}/SM, "
-                         f"{pt.in_flight_per_sm / 1024:.0f} KB in flight/SM, "
-                         f"{pt.time_s * 1e6:.1f} us")
-        else:
-            ft = finalise_time(step, n_chunks, gpu)
-            t += ft
-            parts.append(f"finalise {ft * 1e6:.1f} us")
+        dt, n_chunks, part = step_time(step, n_chunks, shape, gpu, dtype_index)
+        t += dt
+        parts.append(part)
     bw = gpu.dram_bytes_per_s
     return OpTime(op.name, t, old_time(op, shape, gpu), op.contract * shape.state_bytes / bw,
-                  op.algorithm * shape.state_bytes / bw, launches, "; ".join(parts))
+                  op.algorithm * shape.state_bytes / bw, len(op.steps), "; ".join(parts))
 
 
 def render(rows: Sequence[OpTime], gpu: GPU, shape: Shape, verbose: bool) -> str:

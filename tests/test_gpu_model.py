@@ -3,6 +3,7 @@ of the recorded launches, occupancy, Little's law and wave quantisation, each ag
 worked out by hand. Correctness only: nothing here is timed."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -15,6 +16,7 @@ from benchmarks.gpu_model import (
     KernelShape,
     iteration_launches,
     kernel_time,
+    loop_trips,
     resident_per_sm,
     traffic,
     triton_kernel_shape,
@@ -93,6 +95,20 @@ def test_wave_quantisation():
     assert t.waves == 2
     assert t.time_s == pytest.approx(16e-6 + 1e-6)
     assert t.per_sm == 4 and t.in_flight_per_sm == pytest.approx(4 * 1000.0)
+
+
+def test_fixed_cost_is_added_once_per_launch():
+    # the 17-block kernel of test_wave_quantisation (2 waves) with 3 µs of scalar work
+    k = shape(programs=17, warps=16, moved=17000.0, trips=1)
+    with_cost = dataclasses.replace(k, fixed_s=3e-6)
+    assert kernel_time(with_cost, TOY).time_s == pytest.approx(kernel_time(k, TOY).time_s + 3e-6)
+    assert kernel_time(with_cost, TOY).waves == 2
+
+
+def test_loop_trips():
+    # 5 loop steps of 2 round trips, + 1 for the prologue; a step makes at least one
+    assert loop_trips(5, 2) == 11
+    assert loop_trips(5, 0) == 6
 
 
 def test_kernel_that_does_not_fit_names_itself():

@@ -47,7 +47,7 @@ def test_modelled_kernels_exist_in_the_cu():
     assert dots == {"anderson_dots", "broyden_dots", "arnoldi_dots", "arnoldi_redots"}
     for name in dots:  # compiled for kDotsMinBlocks resident blocks: the registers allow them
         for regs in gm.REGISTERS[name]:
-            assert gm.resident_per_sm(regs, gm.CU["kThreads"], 2048, gm.GPUS["h100"]) >= 2
+            assert gm.resident_per_sm(gm.cuda_block(name, regs), gm.GPUS["h100"]) >= 2
 
 
 def test_ops_are_the_registered_ops():
@@ -69,6 +69,25 @@ def test_every_op_within_1_5x_of_its_floor_on_h100(dtype):
     arnoldi = gm.model_op(next(op for op in gm.ops() if op.name == "bwd_gmres_arnoldi"),
                           shape, gm.GPUS["h100"], di)
     assert arnoldi.old_s > 4 * arnoldi.new_s
+
+
+def test_one_model_with_gpu_model():
+    """The GPUs, the occupancy and the time are gpu_model's, not copies."""
+    import gpu_model  # the module the backward model imports (benchmarks/ is on sys.path)
+
+    for name in ("GPU", "GPUS", "KernelShape", "resident_per_sm", "kernel_time", "loop_trips"):
+        assert getattr(gm, name) is getattr(gpu_model, name), name
+
+
+def test_finalise_is_a_kernel_in_waves():
+    """One 64-thread block per sample (32 per SM of the toy's 4): 129 samples are two waves of
+    two round trips each (one load of the partials, one for the prologue), plus the scalar work
+    once."""
+    toy = gm.GPU("toy", 90, sms=4, dram_bytes_per_s=1e9, dram_latency_s=1e-6,
+                 smem_per_sm=64 * 1024)
+    t = gm.finalise_time(gm.Finalise(1, flops=10), 1, gm.Shape(129, 4096, 4), toy)
+    assert t.waves == 2
+    assert t.time_s == pytest.approx(2 * 2 * 1e-6 + 10 * gm.SCALAR_OP_S)
 
 
 def test_chunks_fill_the_gpu_at_small_batch():
