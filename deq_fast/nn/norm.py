@@ -32,6 +32,8 @@ in-place parameter update, or when it lacks a graph that is now needed.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Any, Sequence
 
 import torch
@@ -57,6 +59,26 @@ def _scale_shape(weight: torch.Tensor, dim: int) -> list[int]:
     shape = [1] * weight.dim()
     shape[dim] = weight.shape[dim]
     return shape
+
+
+class _Retaining(threading.local):
+    active = False
+
+
+_RETAINING = _Retaining()
+
+
+@contextlib.contextmanager
+def graph_retained():
+    """Inside this block, a backward pass that reaches a normalised weight does not mark it for
+    recomputation: for ``torch.autograd.grad(..., retain_graph=True)`` calls, whose graph (and so
+    the weight's) stays usable -- e.g. gradient checkpointing's backward (``mem_gc``), which
+    otherwise recomputed every normalised weight once per checkpointed call."""
+    previous, _RETAINING.active = _RETAINING.active, True
+    try:
+        yield
+    finally:
+        _RETAINING.active = previous
 
 
 class _Norm:
@@ -92,8 +114,10 @@ class _Norm:
 
     def _mark_consumed(self, grad: torch.Tensor) -> None:
         # A backward pass reached the weight: its graph may now be freed, so the next forward
-        # recomputes it (gradient accumulation without reset_norm keeps working).
-        self._consumed = True
+        # recomputes it (gradient accumulation without reset_norm keeps working). A pass that
+        # retains the graph (``graph_retained``) leaves the weight usable.
+        if not _RETAINING.active:
+            self._consumed = True
 
     def stale(self, module: nn.Module) -> bool:
         if self._consumed:

@@ -10,6 +10,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from deq_fast.nn.norm import graph_retained
+
 __all__ = ["mem_gc"]
 
 
@@ -72,7 +74,12 @@ class DEQGradCkpt(torch.autograd.Function):
         out = (out,) if torch.is_tensor(out) else tuple(out)
         outs, grads = filter_out(out, out_grad)
         wrt = grad_args + tuple(ctx.params)
-        vjp = torch.autograd.grad(outs, wrt, grads, allow_unused=True) if wrt else ()
+        if not wrt:
+            return (None, None, *reset_grad((), ctx.in_args, grad_idx))
+        # retain_graph as TorchDEQ: the normalised weights' graphs (built once per step by
+        # reset_norm) stay usable by the next checkpointed call instead of being recomputed
+        with graph_retained():
+            vjp = torch.autograd.grad(outs, wrt, grads, retain_graph=True, allow_unused=True)
         return (None, None, *reset_grad(vjp, ctx.in_args, grad_idx))
 
 
