@@ -133,6 +133,21 @@ __device__ __forceinline__ void for_each_vec(const Tile& t, int64_t D, F&& f) {
   }
 }
 
+// acc[c] += <H[c0 + c], v> over one vector of elements at offset off, for this block's nc history
+// columns (row stride hs); column `own` is taken from own_val, already in registers.
+template <typename T, int NC>
+__device__ __forceinline__ void dot_columns(double (&acc)[NC], const T* H, int64_t hs, int64_t off,
+                                            int len, bool vec, int c0, int nc, int64_t own,
+                                            const Vec<T>& own_val, const Vec<T>& v) {
+#pragma unroll
+  for (int c = 0; c < kColsPerBlock; ++c) {
+    if (c >= nc) break;
+    const Vec<T> h = c0 + c == own ? own_val : vload(H + (c0 + c) * hs + off, len, vec);
+#pragma unroll
+    for (int i = 0; i < Vec<T>::n; ++i) acc[c] += (double)h.v[i] * (double)v.v[i];
+  }
+}
+
 // Block sums of acc[0 .. nv) written to out[0 .. nv) (a fixed order: warp shuffles, then warps in
 // order). Every thread of the block must call it.
 template <int NV>
@@ -346,13 +361,7 @@ __global__ void __launch_bounds__(kThreads, kDotsMinBlocks) anderson_dots_kernel
       vstore(F + slot * hs + o + e, f, len, sp.vec);
       vstore(G + slot * hs + o + e, rv, len, sp.vec);
     }
-#pragma unroll
-    for (int c = 0; c < kColsPerBlock; ++c) {
-      if (c >= nc) break;
-      const Vec<T> g = c0 + c == slot ? rv : vload(G + (c0 + c) * hs + o + e, len, sp.vec);
-#pragma unroll
-      for (int i = 0; i < Vec<T>::n; ++i) acc[c] += (double)g.v[i] * (double)rv.v[i];
-    }
+    dot_columns(acc, G, hs, o + e, len, sp.vec, c0, nc, slot, rv, rv);
   });
   write_block_sums(acc, nc, part + (blockIdx.x / sp.groups) * n + c0);
 }
@@ -597,13 +606,7 @@ __global__ void __launch_bounds__(kThreads, kDotsMinBlocks) arnoldi_dots_kernel(
       w.v[i] = qj.v[i] - jv.v[i];
       acc[kColsPerBlock] += (double)w.v[i] * (double)w.v[i];
     }
-#pragma unroll
-    for (int c = 0; c < kColsPerBlock; ++c) {
-      if (c >= nc) break;
-      const Vec<T> q = c0 + c == j ? qj : vload(Q + (c0 + c) * hs + o + e, len, sp.vec);
-#pragma unroll
-      for (int i = 0; i < Vec<T>::n; ++i) acc[c] += (double)w.v[i] * (double)q.v[i];
-    }
+    dot_columns(acc, Q, hs, o + e, len, sp.vec, c0, nc, j, qj, w);
   });
   __shared__ double sums[kColsPerBlock + 1];
   write_block_sums(acc, kColsPerBlock + 1, sums);
