@@ -17,7 +17,7 @@ a NaN first residual or ``threshold <= 2`` returns a defined result instead of `
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -28,15 +28,18 @@ __all__ = ["anderson", "broyden"]
 
 
 def _result(packer, st: engine.EngineState, stop_idx: int, eps: float, threshold: int,
-            n_trace: int, prot: Optional[torch.Tensor] = None) -> dict:
-    # one device->host transfer for every scalar and both traces
+            n_trace: int, prot: Union[bool, torch.Tensor] = False) -> dict:
+    # one device->host transfer for every scalar and both traces (and a device prot_break flag)
+    prot_flag = prot.to(st.lowest.dtype) if isinstance(prot, torch.Tensor) else st.lowest[:0, 0]
     packed = torch.cat((st.trace[:n_trace, 0, :].reshape(-1),
                         st.lowest[0, stop_idx:stop_idx + 1], st.best_step[0, stop_idx:stop_idx + 1],
-                        (prot if prot is not None else st.lowest.new_zeros(1)).to(st.lowest.dtype)))
+                        prot_flag))
     vals = packed.tolist()
+    if isinstance(prot, torch.Tensor):
+        prot = bool(vals.pop())
     traces = vals[:2 * n_trace]
-    return {"result": packer.unpack(st.best), "lowest": vals[-3], "nstep": int(vals[-2]),
-            "prot_break": bool(vals[-1]), "abs_trace": traces[0::2], "rel_trace": traces[1::2],
+    return {"result": packer.unpack(st.best), "lowest": vals[-2], "nstep": int(vals[-1]),
+            "prot_break": prot, "abs_trace": traces[0::2], "rel_trace": traces[1::2],
             "eps": eps, "threshold": threshold}
 
 
@@ -89,18 +92,53 @@ def anderson(f: Callable, x0, m: int = 6, lam: float = 1e-4, threshold: int = 50
     return _result(packer, st, stop_idx, eps, threshold, max(threshold - 2, 0))
 
 
-def _locuslab_broyden_stop(eps: float, stop_idx: int, protect: float, prot: torch.Tensor):
-    """The original's two extra breaks, evaluated on the device (whole-batch values)."""
-    def extra(st: engine.EngineState, t: int, step: int) -> None:
-        # same order as the original: converged (status), no progress, then protective break
-        now = st.trace[t, 0, stop_idx]
+class _BroydenBreaks:
+    """The original's two extra breaks (no progress in 30 steps; protective break), evaluated on
+    the whole-batch values the engine records in its trace, in the original's order: converged
+    (the engine's status), no progress, protective break.
+
+    On the CPU the trace and the stop flags are host memory: the rules read them through NumPy
+    views made once per solve and run in Python, dispatching no op per iteration (the locuslab
+    API then costs what :func:`deq_fast.solve` costs). On other devices the host cannot read a
+    value without a sync, so the rules run as small device ops (``prot`` a device flag).
+    """
+
+    def __init__(self, eps: float, stop_idx: int, protect: float, device: torch.device,
+                 on_host: Optional[bool] = None) -> None:
+        self.eps, self.stop_idx, self.protect = eps, stop_idx, protect
+        self.on_host = device.type == "cpu" if on_host is None else on_host
+        self.prot = False if self.on_host else torch.zeros(1, dtype=torch.bool, device=device)
+        self._trace = self._active = None
+
+    def __call__(self, st: engine.EngineState, t: int, step: int) -> None:
+        if self.on_host:
+            self._host_rules(st, t, step)
+        else:
+            self._device_rules(st, t, step)
+
+    def _host_rules(self, st: engine.EngineState, t: int, step: int) -> None:
+        if self._trace is None:        # shares memory: the engine's in-place writes are visible
+            self._trace, self._active = st.trace[:, 0, self.stop_idx].numpy(), st.active.numpy()
+        if not self._active.any():     # converged at this step
+            return
+        now = self._trace[t]
+        if step > 30 and now < 3 * self.eps:
+            window = self._trace[t - 29:t + 1]
+            if window.max() / window.min() < 1.3:      # NaN propagates, as np.max does
+                self._active[:] = False
+                return
+        if now > self._trace[0] * self.protect:
+            self.prot = True
+            self._active[:] = False
+
+    def _device_rules(self, st: engine.EngineState, t: int, step: int) -> None:
+        now = st.trace[t, 0, self.stop_idx]
         if step > 30:
-            window = st.trace[t - 29:t + 1, 0, stop_idx]
-            st.active &= ~((now < 3 * eps) & (window.amax() / window.amin() < 1.3))
-        blowup = (now > st.trace[0, 0, stop_idx] * protect) & st.active.any()
-        prot.logical_or_(blowup)
+            window = st.trace[t - 29:t + 1, 0, self.stop_idx]
+            st.active &= ~((now < 3 * self.eps) & (window.amax() / window.amin() < 1.3))
+        blowup = (now > st.trace[0, 0, self.stop_idx] * self.protect) & st.active.any()
+        self.prot.logical_or_(blowup)
         st.active &= ~blowup
-    return extra
 
 
 def broyden(f: Callable, x0, threshold: int, eps: float = 1e-3, stop_mode: str = "rel",
@@ -127,12 +165,12 @@ def broyden(f: Callable, x0, threshold: int, eps: float = 1e-3, stop_mode: str =
     stop_idx = 0 if stop_mode == "abs" else 1
     last_dim = (x0 if isinstance(x0, torch.Tensor) else x0[0]).shape[-1]
     protect = (1e6 if stop_mode == "abs" else 1e3) * last_dim
-    prot = torch.zeros(1, dtype=torch.bool, device=x0_flat.device)
+    breaks = _BroydenBreaks(eps, stop_idx, protect, x0_flat.device)
     opt = engine.Options(method="broyden", max_iter=threshold, tol=eps, stop_mode=stop_mode,
                          check_every=kwargs.get("check_every", 1), backend=backend,
                          memory=kwargs.get("memory"), whole_batch=True, stop_together=True,
                          rel_eps=1e-9, track_from=1, step_offset=0, trace_rows=threshold + 1,
-                         extra_stop=_locuslab_broyden_stop(eps, stop_idx, protect, prot),
+                         extra_stop=breaks,
                          line_search=bool(ls))
     st = engine.run(flat_f, x0_flat, opt)
-    return _result(packer, st, stop_idx, eps, threshold, threshold + 1, prot)
+    return _result(packer, st, stop_idx, eps, threshold, threshold + 1, breaks.prot)
