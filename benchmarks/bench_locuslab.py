@@ -2,10 +2,11 @@
 
 The original solvers are the user's copy: ``--upstream DIR`` is a checkout of
 https://github.com/locuslab/deq, and ``DIR/lib/solvers.py`` is imported from there by file path at
-run time (nothing of it is copied into deq_fast). Two adaptations make it import on a current
-PyTorch, both outside its code: ``torch.solve`` (removed from PyTorch in 1.13, a stub that
-raises since; the original's Anderson calls ``torch.solve(y, H)``) is supplied to the module as ``torch.linalg.solve(H, y)``,
-and ``termcolor`` (used only by its debugging printout) is stubbed when not installed.
+run time (nothing of it is copied into deq_fast). Two adaptations make it run on a current
+PyTorch, both outside its code: ``torch.solve`` (removed in PyTorch 1.13: a stub that raises; the
+original's Anderson calls ``torch.solve(y, H)``) is supplied to that module alone as
+``torch.linalg.solve(H, y)``, and ``termcolor`` (used only by its debugging printout) is stubbed
+while it imports when not installed.
 
 The shapes are read from the same checkout:
 
@@ -191,13 +192,17 @@ def load_upstream_solvers(upstream: Path) -> types.ModuleType:
     path = Path(upstream) / "lib" / "solvers.py"
     if not path.is_file():
         raise FileNotFoundError(f"--upstream: {path} not found; {NEEDS_UPSTREAM}")
-    if importlib.util.find_spec("termcolor") is None:         # only its debug printout uses it
-        stub = types.ModuleType("termcolor")
-        stub.colored = lambda text, *args, **kwargs: text
-        sys.modules["termcolor"] = stub
+    stub = importlib.util.find_spec("termcolor") is None       # only its debug printout uses it
+    if stub:
+        sys.modules["termcolor"] = types.ModuleType("termcolor")
+        sys.modules["termcolor"].colored = lambda text, *args, **kwargs: text
     spec = importlib.util.spec_from_file_location("locuslab_deq_solvers", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if stub:
+            sys.modules.pop("termcolor")
     module.torch = _torch_with_solve()        # torch.solve exists but raises since torch 1.13
     return module
 
