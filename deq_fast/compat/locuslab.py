@@ -6,8 +6,10 @@ Same calls, the same result dict (``result``, ``lowest``, ``nstep``, ``prot_brea
 the original stopping rules (including Broyden's "no progress in 30 steps" and protective breaks),
 the original trace lengths, ``result`` the lowest-residual iterate, no more evaluations of ``f``
 than the original. Computed by the fused engine: the host reads the stop flag without a host sync
-(:mod:`deq_fast.solvers.polling`) instead of calling ``.item()`` twice per iteration; traces become
-Python lists once, at the end.
+(:mod:`deq_fast.solvers.polling`) instead of calling ``.item()`` twice per iteration; Broyden's
+two extra breaks read the engine's trace through NumPy views on the CPU (:class:`_BroydenBreaks`),
+so per iteration both solvers dispatch the same ops as :func:`deq_fast.solve`; traces become
+Python lists once, at the end (one transfer).
 
 Fixed while keeping the contract: any state shape (the original needs ``(B, d, L)``, deq #17); no
 ``torch.solve`` (removed from PyTorch) and no batched LU that raises on singular systems (deq #20);
