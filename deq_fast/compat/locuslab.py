@@ -109,11 +109,11 @@ class _BroydenBreaks:
                  on_host: Optional[bool] = None) -> None:
         self.eps, self.stop_idx, self.protect = eps, stop_idx, protect
         self.on_host = device.type == "cpu" if on_host is None else on_host
-        self.prot = False if self.on_host else torch.zeros(1, dtype=torch.bool, device=device)
+        self.prot: Union[bool, torch.Tensor] = False
         self._trace = self._active = None
 
     def __call__(self, st: engine.EngineState, t: int, step: int) -> None:
-        if self.on_host:
+        if self.on_host and not torch.compiler.is_compiling():     # Dynamo cannot trace .numpy()
             self._host_rules(st, t, step)
         else:
             self._device_rules(st, t, step)
@@ -134,6 +134,8 @@ class _BroydenBreaks:
             self._active[:] = False
 
     def _device_rules(self, st: engine.EngineState, t: int, step: int) -> None:
+        if not isinstance(self.prot, torch.Tensor):                # a CPU solve being compiled
+            self.prot = torch.tensor([self.prot], device=st.trace.device)
         now = st.trace[t, 0, self.stop_idx]
         if step > 30:
             window = st.trace[t - 29:t + 1, 0, self.stop_idx]
