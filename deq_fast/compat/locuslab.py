@@ -110,7 +110,7 @@ class _BroydenBreaks:
         self.eps, self.stop_idx, self.protect = eps, stop_idx, protect
         self.on_host = device.type == "cpu" if on_host is None else on_host
         self.prot: Union[bool, torch.Tensor] = False
-        self._trace = self._active = None
+        self._trace = self._active = self._limit = None
 
     def __call__(self, st: engine.EngineState, t: int, step: int) -> None:
         if self.on_host and not torch.compiler.is_compiling():     # Dynamo cannot trace .numpy()
@@ -136,13 +136,16 @@ class _BroydenBreaks:
     def _device_rules(self, st: engine.EngineState, t: int, step: int) -> None:
         if not isinstance(self.prot, torch.Tensor):                # a CPU solve being compiled
             self.prot = torch.tensor([self.prot], device=st.trace.device)
-        now = st.trace[t, 0, self.stop_idx]
+        trace = st.trace[:, 0, self.stop_idx]
+        if self._limit is None:        # row 0 (the first objective) is written before any rule runs
+            self._limit = trace[0] * self.protect
+        now = trace[t]
         if step > 30:
-            window = st.trace[t - 29:t + 1, 0, self.stop_idx]
-            st.active &= ~((now < 3 * self.eps) & (window.amax() / window.amin() < 1.3))
-        blowup = (now > st.trace[0, 0, self.stop_idx] * self.protect) & st.active.any()
+            window = trace[t - 29:t + 1]
+            st.active.masked_fill_((now < 3 * self.eps) & (window.amax() / window.amin() < 1.3), False)
+        blowup = (now > self._limit) & st.active.any()
         self.prot.logical_or_(blowup)
-        st.active &= ~blowup
+        st.active.masked_fill_(blowup, False)
 
 
 def broyden(f: Callable, x0, threshold: int, eps: float = 1e-3, stop_mode: str = "rel",
