@@ -2,7 +2,11 @@
 
 For each method, map and shape ``B x D`` of the grid, both libraries solve the same problem from the
 same ``x0`` through the TorchDEQ contract for ``--iters`` iterations (``tol=0``: no early stop);
-the two alternate (A B, B A, ...) for ``--repeats`` rounds and the ratio of the medians is printed.
+the two and ``f`` alone (the solve's ``--iters`` evaluations by themselves) alternate (A B C,
+C B A, ...) for ``--repeats`` rounds (``report.interleaved_times``, after one warm-up each); the
+ratio of the medians is printed with the floor ``f alone / torchdeq``, the lowest ratio any solver
+can reach at that point.
+
 The grid holds the clients' shapes: small batches with long states (MDEQ and the LMs per device:
 B=1-4, D >= 30,000) and the acceptance size B=32, D=4096.
 
@@ -19,8 +23,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -28,30 +32,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_solvers import Size, get_solver, make_problem  # noqa: E402
 from conftest import describe_machine, machine_line  # noqa: E402
+from report import F_ALONE, f_alone, interleaved_times  # noqa: E402
 
 MAPS = {"affine": "affine", "tanh": "elementwise", "halftanh": "halftanh"}
 
 
-def _time_once(solver, f, x0, iters) -> float:
-    start = time.perf_counter()
-    with torch.no_grad():
-        solver(f, x0, max_iter=iters, tol=0.0)
-    return time.perf_counter() - start
+def _solve(solver, f, x0, iters) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return solver(f, x0, max_iter=iters, tol=0.0)[0]
+    return run
 
 
 def measure(method: str, fmap: str, B: int, D: int, iters: int, repeats: int) -> dict:
-    """Median solve time of each library and their ratio for one grid point."""
+    """Median solve time of each library, their ratio and the floor for one grid point."""
     f, x0 = make_problem(Size(B=B, D=D, iters=iters, f=MAPS[fmap]))
-    solvers = {lib: get_solver(lib, method) for lib in ("torchdeq", "deq_fast")}
-    for lib, solver in solvers.items():                 # warm-up (allocator, first-call costs)
-        _time_once(solver, f, x0, iters)
-    times: dict[str, list[float]] = {"torchdeq": [], "deq_fast": []}
-    for r in range(repeats):
-        order = ("torchdeq", "deq_fast") if r % 2 == 0 else ("deq_fast", "torchdeq")
-        for lib in order:
-            times[lib].append(_time_once(solvers[lib], f, x0, iters))
-    tq, fast = statistics.median(times["torchdeq"]), statistics.median(times["deq_fast"])
-    return {"torchdeq_ms": 1e3 * tq, "deq_fast_ms": 1e3 * fast, "ratio": fast / tq}
+    runs = {lib: _solve(get_solver(lib, method), f, x0, iters) for lib in ("torchdeq", "deq_fast")}
+    runs[F_ALONE] = f_alone(f, x0, iters)
+    times, _ = interleaved_times(runs, repeats)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    return {"torchdeq_ms": 1e3 * med["torchdeq"], "deq_fast_ms": 1e3 * med["deq_fast"],
+            "ratio": med["deq_fast"] / med["torchdeq"], "f_alone_ms": 1e3 * med[F_ALONE],
+            "floor": med[F_ALONE] / med["torchdeq"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(machine_line(describe_machine()))
-    print("| method | map | B | D | torchdeq ms | deq_fast ms | deq_fast / torchdeq |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | map | B | D | torchdeq ms | deq_fast ms | deq_fast / torchdeq | f alone ms | floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
     worst: dict[str, float] = {}
     for method in args.methods:
         for fmap in args.maps:
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                     r = measure(method, fmap, B, D, args.iters, args.repeats)
                     worst[method] = max(worst.get(method, 0.0), r["ratio"])
                     print(f"| {method} | {fmap} | {B} | {D} | {r['torchdeq_ms']:.1f} | "
-                          f"{r['deq_fast_ms']:.1f} | **{r['ratio']:.2f}** |", flush=True)
+                          f"{r['deq_fast_ms']:.1f} | **{r['ratio']:.2f}** | {r['f_alone_ms']:.1f} | "
+                          f"{r['floor']:.2f} |", flush=True)
     for method, ratio in worst.items():
         print(f"{method}: largest deq_fast / torchdeq over the grid = {ratio:.2f}")
     return 0

@@ -6,8 +6,10 @@ Same calls, the same result dict (``result``, ``lowest``, ``nstep``, ``prot_brea
 the original stopping rules (including Broyden's "no progress in 30 steps" and protective breaks),
 the original trace lengths, ``result`` the lowest-residual iterate, no more evaluations of ``f``
 than the original. Computed by the fused engine: the host reads the stop flag without a host sync
-(:mod:`deq_fast.solvers.polling`) instead of calling ``.item()`` twice per iteration; traces become
-Python lists once, at the end.
+(:mod:`deq_fast.solvers.polling`) instead of calling ``.item()`` twice per iteration; Broyden's
+two extra breaks read the engine's trace through NumPy views on the CPU (:class:`_BroydenBreaks`),
+so per iteration both solvers dispatch the same ops as :func:`deq_fast.solve`; traces become
+Python lists once, at the end (one transfer).
 
 Fixed while keeping the contract: any state shape (the original needs ``(B, d, L)``, deq #17); no
 ``torch.solve`` (removed from PyTorch) and no batched LU that raises on singular systems (deq #20);
@@ -17,7 +19,7 @@ a NaN first residual or ``threshold <= 2`` returns a defined result instead of `
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -28,15 +30,18 @@ __all__ = ["anderson", "broyden"]
 
 
 def _result(packer, st: engine.EngineState, stop_idx: int, eps: float, threshold: int,
-            n_trace: int, prot: Optional[torch.Tensor] = None) -> dict:
-    # one device->host transfer for every scalar and both traces
+            n_trace: int, prot: Union[bool, torch.Tensor] = False) -> dict:
+    # one device->host transfer for every scalar and both traces (and a device prot_break flag)
+    prot_flag = prot.to(st.lowest.dtype) if isinstance(prot, torch.Tensor) else st.lowest[:0, 0]
     packed = torch.cat((st.trace[:n_trace, 0, :].reshape(-1),
                         st.lowest[0, stop_idx:stop_idx + 1], st.best_step[0, stop_idx:stop_idx + 1],
-                        (prot if prot is not None else st.lowest.new_zeros(1)).to(st.lowest.dtype)))
+                        prot_flag))
     vals = packed.tolist()
+    if isinstance(prot, torch.Tensor):
+        prot = bool(vals.pop())
     traces = vals[:2 * n_trace]
-    return {"result": packer.unpack(st.best), "lowest": vals[-3], "nstep": int(vals[-2]),
-            "prot_break": bool(vals[-1]), "abs_trace": traces[0::2], "rel_trace": traces[1::2],
+    return {"result": packer.unpack(st.best), "lowest": vals[-2], "nstep": int(vals[-1]),
+            "prot_break": prot, "abs_trace": traces[0::2], "rel_trace": traces[1::2],
             "eps": eps, "threshold": threshold}
 
 
@@ -89,18 +94,58 @@ def anderson(f: Callable, x0, m: int = 6, lam: float = 1e-4, threshold: int = 50
     return _result(packer, st, stop_idx, eps, threshold, max(threshold - 2, 0))
 
 
-def _locuslab_broyden_stop(eps: float, stop_idx: int, protect: float, prot: torch.Tensor):
-    """The original's two extra breaks, evaluated on the device (whole-batch values)."""
-    def extra(st: engine.EngineState, t: int, step: int) -> None:
-        # same order as the original: converged (status), no progress, then protective break
-        now = st.trace[t, 0, stop_idx]
+class _BroydenBreaks:
+    """The original's two extra breaks (no progress in 30 steps; protective break), evaluated on
+    the whole-batch values the engine records in its trace, in the original's order: converged
+    (the engine's status), no progress, protective break.
+
+    On the CPU the trace and the stop flags are host memory: the rules read them through NumPy
+    views made once per solve and run in Python, dispatching no op per iteration (the locuslab
+    API then costs what :func:`deq_fast.solve` costs). On other devices the host cannot read a
+    value without a sync, so the rules run as small device ops (``prot`` a device flag).
+    """
+
+    def __init__(self, eps: float, stop_idx: int, protect: float, device: torch.device,
+                 on_host: Optional[bool] = None) -> None:
+        self.eps, self.stop_idx, self.protect = eps, stop_idx, protect
+        self.on_host = device.type == "cpu" if on_host is None else on_host
+        self.prot: Union[bool, torch.Tensor] = False
+        self._trace = self._active = self._limit = None
+
+    def __call__(self, st: engine.EngineState, t: int, step: int) -> None:
+        if self.on_host and not torch.compiler.is_compiling():     # Dynamo cannot trace .numpy()
+            self._host_rules(st, t, step)
+        else:
+            self._device_rules(st, t, step)
+
+    def _host_rules(self, st: engine.EngineState, t: int, step: int) -> None:
+        if self._trace is None:        # shares memory: the engine's in-place writes are visible
+            self._trace, self._active = st.trace[:, 0, self.stop_idx].numpy(), st.active.numpy()
+        if not self._active.any():     # converged at this step
+            return
+        now = self._trace[t]
+        if step > 30 and now < 3 * self.eps:
+            window = self._trace[t - 29:t + 1]
+            if window.max() / window.min() < 1.3:      # NaN propagates, as np.max does
+                self._active[:] = False
+                return
+        if now > self._trace[0] * self.protect:
+            self.prot = True
+            self._active[:] = False
+
+    def _device_rules(self, st: engine.EngineState, t: int, step: int) -> None:
+        if not isinstance(self.prot, torch.Tensor):                # a CPU solve being compiled
+            self.prot = torch.tensor([self.prot], device=st.trace.device)
+        trace = st.trace[:, 0, self.stop_idx]
+        if self._limit is None:        # row 0 (the first objective) is written before any rule runs
+            self._limit = trace[0] * self.protect
+        now = trace[t]
         if step > 30:
-            window = st.trace[t - 29:t + 1, 0, stop_idx]
-            st.active &= ~((now < 3 * eps) & (window.amax() / window.amin() < 1.3))
-        blowup = (now > st.trace[0, 0, stop_idx] * protect) & st.active.any()
-        prot.logical_or_(blowup)
-        st.active &= ~blowup
-    return extra
+            window = trace[t - 29:t + 1]
+            st.active.masked_fill_((now < 3 * self.eps) & (window.amax() / window.amin() < 1.3), False)
+        blowup = (now > self._limit) & st.active.any()
+        self.prot.logical_or_(blowup)
+        st.active.masked_fill_(blowup, False)
 
 
 def broyden(f: Callable, x0, threshold: int, eps: float = 1e-3, stop_mode: str = "rel",
@@ -127,12 +172,12 @@ def broyden(f: Callable, x0, threshold: int, eps: float = 1e-3, stop_mode: str =
     stop_idx = 0 if stop_mode == "abs" else 1
     last_dim = (x0 if isinstance(x0, torch.Tensor) else x0[0]).shape[-1]
     protect = (1e6 if stop_mode == "abs" else 1e3) * last_dim
-    prot = torch.zeros(1, dtype=torch.bool, device=x0_flat.device)
+    breaks = _BroydenBreaks(eps, stop_idx, protect, x0_flat.device)
     opt = engine.Options(method="broyden", max_iter=threshold, tol=eps, stop_mode=stop_mode,
                          check_every=kwargs.get("check_every", 1), backend=backend,
                          memory=kwargs.get("memory"), whole_batch=True, stop_together=True,
                          rel_eps=1e-9, track_from=1, step_offset=0, trace_rows=threshold + 1,
-                         extra_stop=_locuslab_broyden_stop(eps, stop_idx, protect, prot),
+                         extra_stop=breaks,
                          line_search=bool(ls))
     st = engine.run(flat_f, x0_flat, opt)
-    return _result(packer, st, stop_idx, eps, threshold, threshold + 1, prot)
+    return _result(packer, st, stop_idx, eps, threshold, threshold + 1, breaks.prot)

@@ -7,12 +7,16 @@ original's stop rules and trace padding). It is independent of the engine: no sh
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
 import deq_fast
+from deq_fast.compat import locuslab
+from deq_fast.profiling import per_iteration
+from deq_fast.solvers import engine
 from deq_fast.testing import contraction
 
 
@@ -185,7 +189,16 @@ def test_broyden_matches_original(stop_mode, shape, threshold, eps):
                      oracle_broyden(f, x0, threshold, eps=eps, stop_mode=stop_mode))
 
 
-def test_broyden_protective_break():
+@pytest.fixture(params=["host", "device"])
+def breaks_on(request, monkeypatch):
+    """Broyden's extra breaks evaluated by the host (CPU default) or by device ops (other
+    devices' path, forced here on the CPU)."""
+    monkeypatch.setattr(locuslab, "_BroydenBreaks", functools.partial(
+        locuslab._BroydenBreaks, on_host=request.param == "host"))
+    return request.param
+
+
+def test_broyden_protective_break(breaks_on):
     """A map that blows up trips the protective break like the original."""
     def exploding():
         calls = [0]
@@ -199,6 +212,51 @@ def test_broyden_protective_break():
     ref = oracle_broyden(exploding(), x0, 30, eps=1e-9, stop_mode="abs")
     assert ref["prot_break"] is True
     assert_same_dict(ours, ref, atol=1e-3)
+
+
+def _breaks_after(objectives: list, step: int, on_host: bool, eps: float = 1e-3,
+                  protect: float = 1e3):
+    """(still active, prot_break) after the rules look at ``objectives[-1]`` at Broyden ``step``."""
+    B, T = 2, len(objectives)
+    trace = torch.zeros(T + 3, B, 2)
+    trace[:T, 0, 1] = torch.tensor(objectives)
+    st = engine.EngineState(best=torch.zeros(B, 1), lowest=torch.zeros(B, 2),
+                            best_step=torch.zeros(B, 2), trace=trace,
+                            active=torch.full((B,), not objectives[-1] < eps))
+    rules = locuslab._BroydenBreaks(eps, 1, protect, trace.device, on_host=on_host)
+    rules(st, T - 1, step)
+    return bool(st.active.all()), bool(rules.prot)
+
+
+@pytest.mark.parametrize("case,objectives,step,expected", [
+    ("progressing", [1.0] + [2.9e-3 * 0.98 ** k for k in range(30)], 31, (True, False)),
+    ("stalled", [1.0] + [2e-3 * (1 + 0.01 * (-1) ** k) for k in range(30)], 31, (False, False)),
+    ("stalled-early", [1.0] + [2e-3] * 29, 30, (True, False)),
+    ("stalled-above-3eps", [1.0] + [4e-3] * 30, 31, (True, False)),
+    ("nan-in-window", [1.0] + [2e-3] * 15 + [math.nan] + [2e-3] * 14, 31, (True, False)),
+    ("blowup", [1.0, 0.5, 2e3], 3, (False, True)),
+    ("blowup-nan", [1.0, 0.5, math.nan], 3, (True, False)),
+    ("converged", [1.0, 0.5, 1e-4], 3, (False, False)),
+])
+def test_broyden_breaks_host_and_device_agree(case, objectives, step, expected):
+    """The original's no-progress and protective breaks, on chosen traces: the host rules (NumPy
+    views, no op) and the device rules (small ops) decide the same, as the original would."""
+    assert _breaks_after(objectives, step, on_host=True) == expected
+    assert _breaks_after(objectives, step, on_host=False) == expected
+
+
+@pytest.mark.parametrize("method", ["anderson", "broyden"])
+def test_locuslab_api_costs_what_solve_costs(method):
+    """The locuslab API adds no dispatched op per iteration to the native solve's (its traces and
+    breaks come from the engine's buffers), on the CPU where the host reads them for free."""
+    f = contraction((3, 40), radius=0.85)
+    x0 = torch.zeros(3, 40)
+    locus = getattr(deq_fast, method)
+    iters = (32, 42)                   # past step 30, where Broyden's no-progress rule looks
+    loc_ops = per_iteration(lambda fc, n: locus(fc, x0, threshold=n, eps=0.0), f, iters)[0]
+    native_ops = per_iteration(
+        lambda fc, n: deq_fast.solve(fc, x0, method=method, max_iter=n, tol=0.0), f, iters)[0]
+    assert loc_ops == native_ops
 
 
 @pytest.mark.parametrize("threshold", [0, 1, 2])
