@@ -288,10 +288,13 @@ SOLVE_ITERS = 10
 
 
 def _eager_solve(f: Callable, x0: torch.Tensor, method: str) -> Callable[[], torch.Tensor]:
-    """Each method's fixed-iteration solve (``check_every=0``, the default backend)."""
+    """Each method's fixed-iteration solve through the TorchDEQ drop-in (``deq_fast.get_solver``:
+    TorchDEQ's defaults, so the result is comparable with torchdeq's), tolerance 0, no host
+    sync (``check_every=0``), the default backend."""
     import deq_fast
 
-    return lambda: deq_fast.solve(f, x0, method=method, max_iter=SOLVE_ITERS, check_every=0).z
+    solver = deq_fast.get_solver(TORCHDEQ_NAMES[method])
+    return lambda: solver(f, x0, max_iter=SOLVE_ITERS, tol=0.0, check_every=0)[0]
 
 
 def _captured(fn: Callable[[], torch.Tensor], device: str) -> Callable[[], torch.Tensor]:
@@ -345,8 +348,8 @@ def _torchdeq_solver(method: str) -> Optional[Callable]:
 def run_torchdeq_checks(device: str, solves: Optional[dict] = None, label: str = "eager",
                         timing: bool = True, B: int = 3, D: int = 37) -> list:
     """A whole solve per method (``SOLVE_ITERS`` iterations, tolerance 0) against torchdeq's on
-    the same ``f``: the results compared (float32 round-off over the iterations: ``1e-4``
-    relative) and, with ``timing``, both timed (``us`` ours, ``base_us`` torchdeq's).
+    the same ``f``: the results compared (``1e-5`` relative, float32) and, with ``timing``, both
+    timed (``us`` ours, ``base_us`` torchdeq's).
 
     Args:
         solves: ``{method: () -> z}`` to check (default: the eager :func:`_eager_solve`).
@@ -366,7 +369,7 @@ def run_torchdeq_checks(device: str, solves: Optional[dict] = None, label: str =
             def theirs(solver=solver) -> torch.Tensor:
                 with torch.no_grad():
                     return solver(f, x0, max_iter=SOLVE_ITERS, tol=0.0)[0]
-            row = _compared(check, shape, "fp32", [(ours(), theirs())], lambda scale: 1e-4 * scale)
+            row = _compared(check, shape, "fp32", [(ours(), theirs())], lambda scale: 1e-5 * scale)
             if timing:
                 us, base = _time_us(ours, device=device), _time_us(theirs, device=device)
                 row = dataclasses.replace(row, us=us, base_us=base,
@@ -392,8 +395,7 @@ CPP_COLUMNS = {"anderson": 14, "broyden": 8, "arnoldi": 13}
 
 def _gmres_state(r: "_Inputs", B: int, D: int, dtype: torch.dtype, steps: int):
     """A restarted-GMRES state after ``bwd_gmres_start`` and ``steps`` Arnoldi steps (the
-    references, ``J^T q`` drawn at random): ``(y, Q, R, cs, sn, s, kdim, cyc)``, restart
-    ``steps + 1``."""
+    references, ``J^T q`` drawn at random), restart ``steps + 1``: ``(Q, R, cs, sn, s, kdim, cyc)``."""
     from deq_fast.ops import backward as bwd
 
     k = steps + 1
@@ -409,7 +411,7 @@ def _gmres_state(r: "_Inputs", B: int, D: int, dtype: torch.dtype, steps: int):
     for j in range(steps):
         bwd.bwd_gmres_arnoldi_reference(r.randn((B, D), dtype, 0.2), Q, R, cs, sn, s, kdim, cyc,
                                         ign, j, 0.0)
-    return y, Q, R, cs, sn, s, kdim, cyc
+    return Q, R, cs, sn, s, kdim, cyc
 
 
 def cpp_cuda_cases(dtype: torch.dtype = torch.float32, B: int = 3, D: int = 12289,
@@ -427,7 +429,7 @@ def cpp_cuda_cases(dtype: torch.dtype = torch.float32, B: int = 3, D: int = 1228
     G = r.randn((m, B, D), dtype)
     gram = torch.einsum("ibd,jbd->bij", G.double(), G.double()).contiguous()
     h = r.randn((B, 5, 7), dtype)
-    q0, Q, R, cs, sn, s, kdim, cyc = _gmres_state(r, B, D, dtype, j)
+    Q, R, cs, sn, s, kdim, cyc = _gmres_state(r, B, D, dtype, j)
     return {
         "anderson_lstsq": ((h @ h.transpose(1, 2)).contiguous(), 4, 2, 1e-3, True),
         "bwd_track": (x, y, r.randn((B, D), dtype), ign, torch.zeros(B, D, dtype=dtype),
@@ -452,15 +454,17 @@ def _shape_id(B: int, D: int) -> str:
     return f"{B}x{D} m={c['anderson']},L={c['broyden']},j={c['arnoldi']}"
 
 
-def run_cpp_checks(device: str) -> list:
+def run_cpp_checks(device: str, against: Optional[str] = None) -> list:
     """Every C++ op of ``deq_fast._C`` with a kernel for ``device``, at each of
-    :data:`CPP_SHAPES`: on CUDA against the same op's CPU kernel, on CPU against the op's
-    reference; every tensor argument after the call (the in-place outputs) and the return
-    value. (The forward solver ops' C++ CPU kernels: :func:`run_kernel_checks` with
-    ``impl="C++"``.)"""
+    :data:`CPP_SHAPES`, against (``against``) ``"cpu op"``, the same op's CPU kernel (the
+    default on CUDA), or ``"reference"``, the op's pure-torch reference (the default on CPU):
+    every tensor argument after the call (the in-place outputs) and the return value. (The
+    forward solver ops' C++ CPU kernels: :func:`run_kernel_checks` with ``impl="C++"``.)"""
     from deq_fast.ops.table import OPS_BY_NAME
 
-    on_cuda = device.startswith("cuda")
+    against = against or ("cpu op" if device.startswith("cuda") else "reference")
+    if against not in ("cpu op", "reference"):
+        raise ValueError(f"against must be 'cpu op' or 'reference', got {against!r}")
     rows = []
     for B, D in CPP_SHAPES:
         for dtype in (torch.float32, torch.float64):
@@ -470,7 +474,7 @@ def run_cpp_checks(device: str) -> list:
                 ours = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
                 try:
                     fn = getattr(torch.ops.deq_fast, op).default
-                    want = fn(*base) if on_cuda else OPS_BY_NAME[op].reference(*base)
+                    want = (fn if against == "cpu op" else OPS_BY_NAME[op].reference)(*base)
                     pairs = [(fn(*ours), want)] + [(o, b) for o, b in zip(ours, base)
                                                    if isinstance(b, torch.Tensor)]
                     rows.append(_compared(check, shape, dt, [p for p in pairs if p[1] is not None],
@@ -518,8 +522,11 @@ def peak_bandwidth(device: str) -> Peak:
     return Peak(measure_copy_bandwidth(device, 64), "measured copy_ of 64 MiB (CPU)")
 
 
-#: the timing shapes: ``(B, D)`` per device type (8 MB, 2 MB per float32 state row)
-TIMING_SHAPES = {"cuda": (32, 65536), "cpu": (2, 2 ** 18)}
+#: the timing shapes: ``(B, D)`` per device type (8 MB per float32 state row: the histories
+#: exceed a CPU's last-level cache)
+TIMING_COLUMNS = {"anderson": 6, "broyden": 8, "arnoldi": 8}   # the C++ backward ops'
+TIMING_SHAPES = {"cuda": (32, 65536), "cpu": (4, 2 ** 19)}
+SMALL_BYTES = 2 ** 20           # a call moving less is bound by latency, not bandwidth
 
 
 def _timed(check: str, shape: str, dtype: torch.dtype, fn: Callable, ref: Callable, op: str,
@@ -527,24 +534,27 @@ def _timed(check: str, shape: str, dtype: torch.dtype, fn: Callable, ref: Callab
     """A timing row: ``fn`` and ``ref`` per call, and ``fn`` against ``op``'s bandwidth floor."""
     try:
         us = _time_us(fn, device=device)
-        base = _time_us(ref, device=device)
+        base = _time_us(ref, reps=5, device=device)
     except Exception as exc:                                             # reported, not raised
         return _failed(check, shape, DTYPE_IDS[dtype], exc)
     moved = traffic.op_traffic(op, args).moved
     return Row(check, shape, DTYPE_IDS[dtype], us=us, base_us=base, gbps=moved / us / 1e3,
-               x_floor=us / (moved / peak.bytes_per_s * 1e6))
+               x_floor=us / (moved / peak.bytes_per_s * 1e6),
+               note="O(B) bytes: latency-bound" if moved < SMALL_BYTES else "")
 
 
 def run_timing(device: str, peak: Peak, shape: Optional[tuple] = None,
-               dtypes: tuple = (torch.float32,)) -> list:
-    """Each forward kernel (Triton on CUDA, C++ on CPU) and each C++ backward op at ``shape``
-    (default :data:`TIMING_SHAPES`) against its bandwidth floor at ``peak``, and against its
-    torch reference on the same arguments (the ops run in place on the same arguments again and
-    again: the rings are full, so the traffic stays what the formula counts)."""
+               dtypes: tuple = (torch.float32,), impl: Optional[str] = None) -> list:
+    """Each forward kernel (``impl``: ``"triton"``, the default on CUDA, or ``"C++"``, the
+    default on CPU) and each C++ backward op at ``shape`` (default :data:`TIMING_SHAPES`; the
+    backward ops' histories :data:`TIMING_COLUMNS`) against its bandwidth floor at ``peak``, and
+    against its torch reference on the same arguments (the ops run in place on the same
+    arguments again and again: the rings are full, so the traffic stays what the formula
+    counts)."""
     from deq_fast.ops.table import OPS_BY_NAME, REFERENCE
 
     B, D = shape or TIMING_SHAPES["cuda" if device.startswith("cuda") else "cpu"]
-    impl = "triton" if device.startswith("cuda") else "C++"
+    impl = impl or ("triton" if device.startswith("cuda") else "C++")
     rows = []
     for dtype in dtypes:
         for op in OPS:
@@ -553,8 +563,7 @@ def run_timing(device: str, peak: Peak, shape: Optional[tuple] = None,
             rows.append(_timed(f"time {impl} {op}", f"{B}x{D}", dtype,
                                lambda: _solver_op(impl, op)(*args),
                                lambda: getattr(REFERENCE, op)(*rargs), op, args, peak, device))
-        for op, cpu_args in cpp_cuda_cases(dtype, B, D, {"anderson": 6, "broyden": 20,
-                                                         "arnoldi": 19}).items():
+        for op, cpu_args in cpp_cuda_cases(dtype, B, D, TIMING_COLUMNS).items():
             if op == "anderson_lstsq":
                 continue
             args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in cpu_args]
