@@ -327,8 +327,8 @@ def run_capture_checks(device: str, timing: bool = False, B: int = 3, D: int = 3
             row = _compared(check, f"{B}x{D}", "fp32", [(captured(), eager())],
                             lambda scale: 1e-5 * scale)
             if timing:
-                row = dataclasses.replace(row, us=_time_us(captured, device=device),
-                                          base_us=_time_us(eager, device=device))
+                row = dataclasses.replace(row, us=_time_us(captured, TIMING_REPS, device),
+                                          base_us=_time_us(eager, TIMING_REPS, device))
             rows.append(row)
             if torchdeq:
                 rows += run_torchdeq_checks(device, {method: captured}, "captured", timing, B, D)
@@ -371,7 +371,8 @@ def run_torchdeq_checks(device: str, solves: Optional[dict] = None, label: str =
                     return solver(f, x0, max_iter=SOLVE_ITERS, tol=0.0)[0]
             row = _compared(check, shape, "fp32", [(ours(), theirs())], lambda scale: 1e-5 * scale)
             if timing:
-                us, base = _time_us(ours, device=device), _time_us(theirs, device=device)
+                us = _time_us(ours, TIMING_REPS, device)
+                base = _time_us(theirs, TIMING_REPS, device)
                 row = dataclasses.replace(row, us=us, base_us=base,
                                           note=f"{base / us:.2f}x torchdeq's speed")
             rows.append(row)
@@ -522,6 +523,10 @@ def peak_bandwidth(device: str) -> Peak:
     return Peak(measure_copy_bandwidth(device, 64), "measured copy_ of 64 MiB (CPU)")
 
 
+#: the shapes of the Triton kernels' checks (the interpreter runs the CPU ones): tails, B = 1
+KERNEL_SHAPES = {"cpu": ((1, 37), (3, 130)),
+                 "cuda": ((1, 37), (3, 130), (64, 4099), (128, 16384))}
+TIMING_REPS = 20                # calls timed per row (the reference: a quarter)
 #: the timing shapes: ``(B, D)`` per device type (8 MB per float32 state row: the histories
 #: exceed a CPU's last-level cache)
 TIMING_COLUMNS = {"anderson": 6, "broyden": 8, "arnoldi": 8}   # the C++ backward ops'
@@ -533,8 +538,8 @@ def _timed(check: str, shape: str, dtype: torch.dtype, fn: Callable, ref: Callab
            args: list, peak: Peak, device: str) -> Row:
     """A timing row: ``fn`` and ``ref`` per call, and ``fn`` against ``op``'s bandwidth floor."""
     try:
-        us = _time_us(fn, device=device)
-        base = _time_us(ref, reps=5, device=device)
+        us = _time_us(fn, reps=TIMING_REPS, device=device)
+        base = _time_us(ref, reps=max(1, TIMING_REPS // 4), device=device)
     except Exception as exc:                                             # reported, not raised
         return _failed(check, shape, DTYPE_IDS[dtype], exc)
     moved = traffic.op_traffic(op, args).moved
@@ -637,7 +642,7 @@ def main(argv: Optional[list] = None) -> int:
     if peak:
         header.append(f"peak bandwidth for the floors: {peak.bytes_per_s / 1e9:.1f} GB/s, "
                       f"{peak.source}")
-    shapes = [(1, 37), (3, 130)] + ([(64, 4099), (128, 16384)] if on_cuda else [])
+    shapes = KERNEL_SHAPES["cuda" if on_cuda else "cpu"]
     rows = run_kernel_checks(device, shapes) + run_solve_checks(device)
     has_cpp = extension.available()
     if has_cpp and not on_cuda:      # the forward ops' C++ CPU kernels

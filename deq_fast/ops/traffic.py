@@ -57,7 +57,8 @@ class Traffic:
 
 def _rows(read: float, written: float, B: int, D: int, size: int) -> Traffic:
     """``read`` and ``written`` rows of ``B·D`` elements of ``size`` bytes."""
-    return Traffic(read * B * D * size, written * B * D * size)
+    row = float(B * D * size)
+    return Traffic(read * row, written * row)
 
 
 def anderson_residual(B: int, D: int, size: int, m: int) -> Traffic:
@@ -94,7 +95,7 @@ def fixed_point_advance(B: int, D: int, size: int, tau: float) -> Traffic:
 def track_status(B: int, acc_size: int) -> Traffic:
     """Read sq, lowest (2 + 2 accumulators), active; write lowest, best_step, trace (2 + 2 + 2),
     improved, active: O(B)."""
-    return Traffic((4 * acc_size + 1) * B, (6 * acc_size + 2) * B)
+    return Traffic(float((4 * acc_size + 1) * B), float((6 * acc_size + 2) * B))
 
 
 def _state(x: torch.Tensor) -> tuple:
@@ -141,7 +142,7 @@ _BACKWARD_ARGS: dict = {
 def backward_traffic(op: str, B: int, D: int, size: int, columns: int) -> Traffic:
     """What the CUDA kernels of backward ``op`` move (counted as read: the floors do not split
     reads from writes)."""
-    return Traffic(BACKWARD_ROWS[op](columns)[1] * B * D * size, 0.0)
+    return Traffic(float(BACKWARD_ROWS[op](columns)[1] * B * D * size), 0.0)
 
 
 def op_traffic(op: str, args: Sequence) -> Optional[Traffic]:
