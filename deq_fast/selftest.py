@@ -549,9 +549,10 @@ def _timed(check: str, shape: str, dtype: torch.dtype, fn: Callable, ref: Callab
 
 
 def run_timing(device: str, peak: Peak, shape: Optional[tuple] = None,
-               dtypes: tuple = (torch.float32,), impl: Optional[str] = None) -> list:
+               dtypes: tuple = (torch.float32,), impl: Optional[str] = None,
+               backward: bool = True) -> list:
     """Each forward kernel (``impl``: ``"triton"``, the default on CUDA, or ``"C++"``, the
-    default on CPU) and each C++ backward op at ``shape`` (default :data:`TIMING_SHAPES`; the
+    default on CPU) and (``backward``) each C++ backward op at ``shape`` (default :data:`TIMING_SHAPES`; the
     backward ops' histories :data:`TIMING_COLUMNS`) against its bandwidth floor at ``peak``, and
     against its torch reference on the same arguments (the ops run in place on the same
     arguments again and again: the rings are full, so the traffic stays what the formula
@@ -568,7 +569,8 @@ def run_timing(device: str, peak: Peak, shape: Optional[tuple] = None,
             rows.append(_timed(f"time {impl} {op}", f"{B}x{D}", dtype,
                                lambda: _solver_op(impl, op)(*args),
                                lambda: getattr(REFERENCE, op)(*rargs), op, args, peak, device))
-        for op, cpu_args in cpp_cuda_cases(dtype, B, D, TIMING_COLUMNS).items():
+        cases = cpp_cuda_cases(dtype, B, D, TIMING_COLUMNS) if backward else {}
+        for op, cpu_args in cases.items():
             if op == "anderson_lstsq":
                 continue
             args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in cpu_args]
@@ -649,8 +651,8 @@ def main(argv: Optional[list] = None) -> int:
         rows += run_kernel_checks(device, shapes, impl="C++")
     if has_cpp:
         rows += run_cpp_checks(device)
-    if args.timing and has_cpp:
-        rows += run_timing(device, peak)
+    if args.timing and (on_cuda or has_cpp):    # Triton on CUDA, the C++ kernels on CPU
+        rows += run_timing(device, peak, backward=has_cpp)
     if args.timing:
         rows += run_torchdeq_checks(device)
     if on_cuda or args.capture:
