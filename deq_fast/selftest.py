@@ -609,6 +609,12 @@ def render(rows: list) -> str:
     return "\n".join(lines)
 
 
+def _json_row(row: Row) -> dict:
+    """The row's fields, NaN as null (strict JSON)."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v
+            for k, v in dataclasses.asdict(row).items()}
+
+
 def main(argv: Optional[list] = None) -> int:
     """Run the self-test; returns the process exit code (0: all rows pass)."""
     parser = argparse.ArgumentParser(prog="python -m deq_fast.selftest", description=__doc__,
@@ -665,7 +671,7 @@ def main(argv: Optional[list] = None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"header": header, "peak": dataclasses.asdict(peak) if peak else None,
-                       "rows": [dataclasses.asdict(r) for r in rows]}, fh, indent=1)
+                       "rows": [_json_row(r) for r in rows]}, fh, indent=1)
     return 0 if failed == 0 else 1
 
 

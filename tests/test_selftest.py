@@ -42,7 +42,7 @@ def test_main_on_cpu_prints_one_table_and_every_comparison_passes(full, tmp_path
     header = lines[2].split()
     assert header[:6] == ["check", "shape", "dtype", "max", "abs", "err"]
     assert set(lines[3]) == {"-"}
-    data = json.loads(out.read_text())
+    data = json.loads(out.read_text(), parse_constant=pytest.fail)     # strict JSON: no NaN
     rows = [selftest.Row(**r) for r in data["rows"]]
     assert len(lines) == 4 + len(rows) + 1 and re.fullmatch(
         rf"{len(rows)}/{len(rows)} comparisons passed", lines[-1])
