@@ -374,7 +374,7 @@ def run_torchdeq_checks(device: str, solves: Optional[dict] = None, label: str =
                 us = _time_us(ours, TIMING_REPS, device)
                 base = _time_us(theirs, TIMING_REPS, device)
                 row = dataclasses.replace(row, us=us, base_us=base,
-                                          note=f"{base / us:.2f}x torchdeq's speed")
+                                          note=f"{base / us:.2f}x as fast as torchdeq")
             rows.append(row)
         except Exception as exc:                                         # reported, not raised
             rows.append(_failed(check, shape, "fp32", exc))
