@@ -23,30 +23,37 @@ BWD_OPS = {op for op in traffic.BACKWARD_ROWS}
 
 @needs_ext
 @pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.slow)],
-                         ids=["small-shapes", "as-shipped"])
+                         ids=["small-shapes-timing", "as-shipped"])
 def test_main_on_cpu_prints_one_table_and_every_comparison_passes(full, tmp_path, capsys,
                                                                   monkeypatch):
     """Exit code 0; a header naming device, extension and Triton; one table whose rows are
     every Triton op x shape x dtype, each method's solve, every C++ CPU op, every C++ backward op
-    at each shape and dtype; the JSON holds the same rows. (Fast: one kernel shape and a small
-    C++ shape; slow: the shapes the self-test ships with.)"""
+    at each shape and dtype; the JSON holds the same rows. Fast: one kernel shape, a small C++
+    shape, and ``--timing`` at a small timing shape (the peak in the header, a timing row per
+    op, the torchdeq rows); slow: the shapes the self-test ships with."""
+    argv = ["--json", str(tmp_path / "selftest.json")]
     if not full:
         monkeypatch.setitem(selftest.KERNEL_SHAPES, "cpu", ((3, 37),))
         monkeypatch.setattr(selftest, "CPP_SHAPES", ((2, 40),))
-    out = tmp_path / "selftest.json"
-    assert selftest.main(["--json", str(out)]) == 0
-    text = capsys.readouterr().out
-    lines = text.splitlines()
+        monkeypatch.setitem(selftest.TIMING_SHAPES, "cpu", (2, 64))
+        monkeypatch.setattr(selftest, "TIMING_REPS", 2)
+        argv.append("--timing")
+    assert selftest.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("deq_fast.selftest: torch ") and "device cpu" in lines[0]
     assert lines[1].startswith("deq_fast._C loaded")
-    header = lines[2].split()
-    assert header[:6] == ["check", "shape", "dtype", "max", "abs", "err"]
+    if not full:
+        assert re.fullmatch(r"peak bandwidth for the floors: [\d.]+ GB/s, measured copy_ .*",
+                            lines.pop(2))
+    assert lines[2].split()[:6] == ["check", "shape", "dtype", "max", "abs", "err"]
     assert set(lines[3]) == {"-"}
-    data = json.loads(out.read_text(), parse_constant=pytest.fail)     # strict JSON: no NaN
+    data = json.loads(Path(argv[1]).read_text(), parse_constant=pytest.fail)  # strict: no NaN
     rows = [selftest.Row(**r) for r in data["rows"]]
+    compared = [r for r in rows if r.ok is not None]
     assert len(lines) == 4 + len(rows) + 1 and re.fullmatch(
-        rf"{len(rows)}/{len(rows)} comparisons passed", lines[-1])
-    assert all(r.ok is True and r.err <= r.tol for r in rows), [r for r in rows if not r.ok]
+        rf"{len(compared)}/{len(compared)} comparisons passed", lines[-1])
+    assert all(r.ok is True and r.err <= r.tol for r in compared), \
+        [r for r in compared if not r.ok]
     checks = {r.check for r in rows}
     assert {f"triton {op}" for op in selftest.OPS} <= checks
     assert {f"C++ {op}" for op in selftest.OPS} <= checks
@@ -54,9 +61,20 @@ def test_main_on_cpu_prints_one_table_and_every_comparison_passes(full, tmp_path
     cpp = [r for r in rows if r.check.removeprefix("C++ ") in BWD_OPS]
     assert len(cpp) == len(BWD_OPS) * len(selftest.CPP_SHAPES) * 2
     assert {r.shape.split()[0] for r in cpp} == {f"{B}x{D}" for B, D in selftest.CPP_SHAPES}
+    timed = [r for r in rows if r.check.startswith("time ")]
+    torchdeq = [r for r in rows if r.check.startswith("torchdeq/")]
+    if full:
+        assert not timed and not torchdeq and data["peak"] is None
+    else:
+        assert data["peak"]["bytes_per_s"] > 0
+        assert [r.check for r in timed] == [f"time C++ {op}" for op in selftest.OPS] + \
+            [f"time C++ {op}" for op in traffic.BACKWARD_ROWS]
+        assert all(r.ok is None and r.gbps > 0 and r.x_floor > 0 for r in timed)
+        assert [r.check for r in torchdeq] == [f"torchdeq/{m} eager" for m in selftest.METHODS]
     # each row is one line of the table, in order
     for row, line in zip(rows, lines[4:]):
-        assert line.startswith(row.check) and "PASS" in line
+        assert line.startswith(row.check)
+        assert ("PASS" in line) == (row.ok is True) and "FAIL" not in line
 
 
 def _vec_chunks(D: int, elem: int, cu: dict) -> int:
