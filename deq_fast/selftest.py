@@ -609,6 +609,20 @@ def render(rows: list) -> str:
     return "\n".join(lines)
 
 
+def _cpp_kernels(device: str) -> tuple:
+    """``(whether deq_fast._C has its C++ kernels for device, the header line saying so)``: a
+    build without nvcc has none for CUDA, and its C++ rows would only fail."""
+    from deq_fast.ops import extension
+    from deq_fast.ops.table import OPS_BY_NAME, has_kernel
+
+    ok, msg = extension.extension_status()
+    kind = device.split(":")[0]
+    if ok and not has_kernel(OPS_BY_NAME["bwd_track"], kind):
+        return False, (f"{msg}, without {kind.upper()} kernels (built without nvcc? see "
+                       "docs/gpu.md): no C++ rows")
+    return ok, msg
+
+
 def _json_row(row: Row) -> dict:
     """The row's fields, NaN as null (strict JSON)."""
     return {k: None if isinstance(v, float) and math.isnan(v) else v
@@ -631,7 +645,7 @@ def main(argv: Optional[list] = None) -> int:
     # (Broyden's den = 0, a singular Anderson system) before masking the result
     warnings.filterwarnings("ignore", message=".*encountered in", category=RuntimeWarning)
 
-    from deq_fast.ops import backends, extension
+    from deq_fast.ops import backends
 
     ok, msg = backends.triton_status()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -645,14 +659,14 @@ def main(argv: Optional[list] = None) -> int:
     on_cuda = device == "cuda"
     mode = "compiled, CUDA" if on_cuda else "interpreter, CPU tensors"
     peak = peak_bandwidth(device) if args.timing else None
+    has_cpp, cpp_msg = _cpp_kernels(device)
     header = [f"deq_fast.selftest: torch {torch.__version__}, {msg}, device {device} ({mode})",
-              extension.extension_status()[1]]
+              cpp_msg]
     if peak:
         header.append(f"peak bandwidth for the floors: {peak.bytes_per_s / 1e9:.1f} GB/s, "
                       f"{peak.source}")
     shapes = KERNEL_SHAPES["cuda" if on_cuda else "cpu"]
     rows = run_kernel_checks(device, shapes) + run_solve_checks(device)
-    has_cpp = extension.available()
     if has_cpp and not on_cuda:      # the forward ops' C++ CPU kernels
         rows += run_kernel_checks(device, shapes, impl="C++")
     if has_cpp:

@@ -122,6 +122,18 @@ def test_cpp_checks_fail_for_a_broken_op(monkeypatch):
 
 
 @needs_ext
+def test_no_cpp_rows_without_the_devices_kernels(monkeypatch):
+    """A deq_fast._C built without nvcc on a GPU machine: the header says so (mocked)."""
+    from deq_fast.ops import table
+
+    assert selftest._cpp_kernels("cpu")[0] is True
+    monkeypatch.setattr(table, "has_kernel", lambda spec, device_type: device_type != "cuda")
+    ok, msg = selftest._cpp_kernels("cuda")
+    assert not ok and msg.endswith("without CUDA kernels (built without nvcc? see docs/gpu.md): "
+                                   "no C++ rows")
+
+
+@needs_ext
 def test_cpp_checks_against_the_cpu_op(monkeypatch):
     """The CUDA branch's comparison (device op against the CPU op), run with the CPU as the
     device: every op equals itself."""
