@@ -12,8 +12,8 @@ bandwidth floor, from three sources:
   with the runtime's specialisation (``deq_fast.aot.compile_launches``): registers per thread,
   shared memory, and the dependent load round trips per step of the main loop (a store between
   loads costs a second one).
-* **What each kernel moves** (:data:`TRAFFIC`, from the kernels' docstrings) and the floors
-  (:data:`FLOORS`).
+* **What each kernel moves** (:data:`TRAFFIC`: the formulas of ``deq_fast.ops.traffic``, which
+  the self-test's timing rows use too) and the floors (:data:`FLOORS`).
 
 Model (all of it in :func:`kernel_time`): a kernel is ``P`` programs of ``W`` bytes each, every
 program making ``trips`` dependent round trips to DRAM in sequence (loop steps × round trips
@@ -85,34 +85,10 @@ if __name__ == "__main__" and "TRITON_INTERPRET" not in os.environ:
 
 import torch  # noqa: E402
 
-# ----------------------------------------------------------------------------- GPUs as data
+from deq_fast.ops import traffic as op_bytes  # noqa: E402
 
-
-@dataclass(frozen=True)
-class GPU:
-    """What the model needs of a GPU (bytes, seconds)."""
-    name: str
-    arch: int                       # compute capability x10, the AOT compile target
-    sms: int
-    dram_bytes_per_s: float
-    dram_latency_s: float           # loaded latency
-    smem_per_sm: int
-    warps_per_sm: int = 64
-    regs_per_sm: int = 65536
-    blocks_per_sm: int = 32
-    reg_alloc_unit: int = 256       # registers are allocated per warp in these units
-    smem_reserved_per_block: int = 1024
-
-    @property
-    def bytes_in_flight_needed(self) -> float:
-        """Per SM, to reach the peak (Little's law): bandwidth x latency / SMs."""
-        return self.dram_bytes_per_s * self.dram_latency_s / self.sms
-
-
-GPUS = {
-    "h100": GPU("H100 SXM5", 90, 132, 3.35e12, 650e-9, 228 * 1024),
-    "a100": GPU("A100 SXM4 80GB", 80, 108, 2.039e12, 600e-9, 164 * 1024),
-}
+# the GPUs as data (H100, A100), one copy: the self-test reads its peak bandwidths there too
+from deq_fast.ops.traffic import GPU, GPUS  # noqa: E402
 
 # ----------------------------------------------------------------------------- the model
 
@@ -228,26 +204,29 @@ def _state(a: dict, ptr: str = "x_ptr") -> tuple:
     return t.shape[0], a["D"], t.itemsize
 
 
-def _rows(read: float, written: float, a: dict, ptr: str = "x_ptr") -> Traffic:
-    B, D, s = _state(a, ptr)
-    return Traffic(read * B * D * s, written * B * D * s, B * D, "BLOCK_D")
+def _rows(t: op_bytes.Traffic, a: dict) -> Traffic:
+    """An O(B·D) kernel's bytes (``deq_fast.ops.traffic``), its loops covering ``B·D``."""
+    B, D, _ = _state(a)
+    return Traffic(t.read, t.written, B * D, "BLOCK_D")
 
 
 def _track_status(a: dict) -> Traffic:
-    B, acc = a["B"], a["sq_ptr"].itemsize
-    # read sq, lowest (2 + 2), active; write lowest, best_step, trace (2 + 2 + 2), improved, active
-    return Traffic((4 * acc + 1) * B, (6 * acc + 2) * B, B, "BLOCK_B")
+    t = op_bytes.track_status(a["B"], a["sq_ptr"].itemsize)
+    return Traffic(t.read, t.written, a["B"], "BLOCK_B")
 
 
-# kernel name -> its traffic from the launch's arguments (name -> value; tensors as TensorArg),
-# in state rows of B·D elements; the formulas of the kernels' docstrings (best copies left out)
+# kernel name -> its traffic from the launch's arguments (name -> value; tensors as TensorArg):
+# the formulas of deq_fast.ops.traffic (the kernels' docstrings; best copies left out)
 TRAFFIC: dict = {
-    "_anderson_residual_kernel": lambda a: _rows(a["m"] + 1, 2, a),
-    "_anderson_mix_kernel": lambda a: _rows(a["n"] * (1 if a["beta"] == 1.0 else 2), 1, a),
-    "_broyden_dots_kernel": lambda a: _rows(2 * a["n_valid"] + 4, 1, a),
-    "_broyden_update_kernel": lambda a: _rows(2 * a["n_valid"] + 4, 4, a),
-    "_residual_norms_kernel": lambda a: _rows(2, 0, a),
-    "_fixed_point_advance_kernel": lambda a: _rows(1 + (a["tau"] != 1.0), 1, a),
+    "_anderson_residual_kernel": lambda a: _rows(op_bytes.anderson_residual(*_state(a), a["m"]), a),
+    "_anderson_mix_kernel": lambda a: _rows(op_bytes.anderson_mix(*_state(a), a["n"], a["beta"]),
+                                            a),
+    "_broyden_dots_kernel": lambda a: _rows(op_bytes.broyden_dots(*_state(a), a["n_valid"]), a),
+    "_broyden_update_kernel": lambda a: _rows(op_bytes.broyden_update(*_state(a), a["n_valid"]),
+                                              a),
+    "_residual_norms_kernel": lambda a: _rows(op_bytes.residual_norms(*_state(a)), a),
+    "_fixed_point_advance_kernel": lambda a: _rows(op_bytes.fixed_point_advance(*_state(a),
+                                                                               a["tau"]), a),
     "_track_status_kernel": _track_status,
 }
 

@@ -63,6 +63,8 @@ from gpu_model import (  # noqa: E402  (the one model: GPUs, occupancy, Little's
     resident_per_sm,
 )
 
+from deq_fast.ops.traffic import BACKWARD_ROWS  # noqa: E402  (the floors, one copy)
+
 SCALAR_OP_S = 2e-9          # one dependent double flop on one thread, with its shared-memory access
 LAUNCH_GAP_S = 1.5e-6       # back-to-back launches on one stream (not in the kernel times)
 OLD_BLOCK_REDUCE_S = 2e-6   # the old kernels' block_sum: two barriers and a serial warp loop
@@ -196,37 +198,43 @@ class Op:
     old: tuple              # the old kernel: (passes over D, streams per pass, block reductions)
 
 
+def _op(name: str, steps: tuple, columns: int, old: tuple) -> Op:
+    """An op with its floors from ``deq_fast.ops.traffic.BACKWARD_ROWS`` (``columns``: the op's
+    column count, see there)."""
+    return Op(name, steps, *BACKWARD_ROWS[name](columns), old)
+
+
 def ops(m: int = 6, L: int = 20, j: int = 19, k: int = 20) -> list:
     """The ops at Anderson history m, Broyden memory L (updating), Arnoldi step j, restart k
     (update with k_b = k)."""
     cgs2_groups = -(-(j + 1) // CU["kColsPerBlock"])
     n_b = L - 1  # Broyden columns other than the slot being replaced
     return [
-        Op("bwd_track", (Pass("track_residual", 3, 1, 3), Finalise(1, 20),
-                         Pass("copy_if", 1, 1, 1)), 6, 6, ((4, 1), (2, 0))),
-        Op("bwd_masked_add", (Pass("masked_add", 2, 1, 2),), 3, 3, ((3, 0),)),
-        Op("bwd_anderson_mix",
-           (Pass("anderson_dots", m + 1, 2, 2, m - 1, -(-m // CU["kColsPerBlock"]), True),
-            Finalise(m, 2 * m ** 3), Pass("combine", m, 1, 0, m)),
-           2 * m + 3, 2 * m + 4, ((4, 0),) + ((2, 1),) * m + ((m + 1, 0),)),
-        Op("bwd_broyden_step",
-           (Pass("broyden_dots", 2 * n_b + 3, 0, 3, 2 * n_b, -(-L // CU["kBroydenColsPerBlock"]),
-                 True),
-            Finalise(3 * L), Pass("broyden_v", n_b + 3, 1, 3, n_b), Finalise(2, 10),
-            Pass("broyden_u", n_b + 4, 4, 4, n_b)),
-           2 * n_b + 9, 4 * n_b + 15,
-           ((3, 0),) + ((2, 1),) * (2 * n_b) + ((2 * n_b + 4, 1), (4, 0)) + ((2, 1),) * L
-           + ((L + 6, 0),)),
-        Op("bwd_gmres_start", (Pass("sumsq", 1, 0, 1), Finalise(1, 2 * k),
-                               Pass("scale", 1, 1, 1)), 2, 3, ((1, 1), (2, 0))),
-        Op("bwd_gmres_arnoldi",
-           (Pass("arnoldi_dots", j + 2, 0, 2, j + 1, cgs2_groups, True), Finalise(j + 2),
-            Pass("arnoldi_redots", j + 2, 0, 2, j + 1, cgs2_groups), Finalise(j + 1),
-            Pass("arnoldi_project", j + 2, 1, 2, 2 * (j + 1)), Finalise(1, 8 * j + 20),
-            Pass("scale", 1, 1, 1)),
-           j + 3, 3 * j + 9, ((3, 1),) + ((2, 1), (3, 0)) * (j + 1) + ((1, 1), (2, 0))),
-        Op("bwd_gmres_update", (Finalise(0, k * k), Pass("combine", k + 1, 1, 1, k)),
-           k + 2, k + 2, ((k + 2, 0),)),
+        _op("bwd_track", (Pass("track_residual", 3, 1, 3), Finalise(1, 20),
+                          Pass("copy_if", 1, 1, 1)), 0, ((4, 1), (2, 0))),
+        _op("bwd_masked_add", (Pass("masked_add", 2, 1, 2),), 0, ((3, 0),)),
+        _op("bwd_anderson_mix",
+            (Pass("anderson_dots", m + 1, 2, 2, m - 1, -(-m // CU["kColsPerBlock"]), True),
+             Finalise(m, 2 * m ** 3), Pass("combine", m, 1, 0, m)),
+            m, ((4, 0),) + ((2, 1),) * m + ((m + 1, 0),)),
+        _op("bwd_broyden_step",
+            (Pass("broyden_dots", 2 * n_b + 3, 0, 3, 2 * n_b, -(-L // CU["kBroydenColsPerBlock"]),
+                  True),
+             Finalise(3 * L), Pass("broyden_v", n_b + 3, 1, 3, n_b), Finalise(2, 10),
+             Pass("broyden_u", n_b + 4, 4, 4, n_b)),
+            L,
+            ((3, 0),) + ((2, 1),) * (2 * n_b) + ((2 * n_b + 4, 1), (4, 0)) + ((2, 1),) * L
+            + ((L + 6, 0),)),
+        _op("bwd_gmres_start", (Pass("sumsq", 1, 0, 1), Finalise(1, 2 * k),
+                                Pass("scale", 1, 1, 1)), 0, ((1, 1), (2, 0))),
+        _op("bwd_gmres_arnoldi",
+            (Pass("arnoldi_dots", j + 2, 0, 2, j + 1, cgs2_groups, True), Finalise(j + 2),
+             Pass("arnoldi_redots", j + 2, 0, 2, j + 1, cgs2_groups), Finalise(j + 1),
+             Pass("arnoldi_project", j + 2, 1, 2, 2 * (j + 1)), Finalise(1, 8 * j + 20),
+             Pass("scale", 1, 1, 1)),
+            j, ((3, 1),) + ((2, 1), (3, 0)) * (j + 1) + ((1, 1), (2, 0))),
+        _op("bwd_gmres_update", (Finalise(0, k * k), Pass("combine", k + 1, 1, 1, k)),
+            k, ((k + 2, 0),)),
     ]
 
 

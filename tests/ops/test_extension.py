@@ -143,8 +143,8 @@ def test_every_cpp_cuda_op_equals_its_cpu_op(dtype):
                 if n.startswith("deq_fast::")
                 and torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")}
     assert cuda_ops == set(cpp_cuda_cases(dtype))   # every C++ CUDA op has a case
-    rows = [r for r in run_cpp_cuda_checks() if r[2] == {torch.float32: "fp32"}.get(dtype, "fp64")]
-    assert all(r[5] for r in rows), [r for r in rows if not r[5]]
+    rows = [r for r in run_cpp_cuda_checks() if r.dtype == {torch.float32: "fp32"}.get(dtype, "fp64")]
+    assert all(r.ok for r in rows), [r for r in rows if not r.ok]
 
 
 @needs_ext

@@ -534,7 +534,7 @@ def test_selftest_table(monkeypatch):
     from deq_fast import selftest
 
     rows = selftest.run_kernel_checks(DEVICE, [(1, 37)], ops=("residual_norms", "anderson_mix"))
-    assert len(rows) == 8 and all(r[5] for r in rows), rows
+    assert len(rows) == 8 and all(r.ok for r in rows), rows
 
     def broken(x, fx, sq):                   # forgets ||fx||^2
         K.residual_norms(x, fx, sq)
@@ -542,7 +542,7 @@ def test_selftest_table(monkeypatch):
 
     monkeypatch.setattr(K, "residual_norms", broken)
     rows = selftest.run_kernel_checks(DEVICE, [(1, 37)], ops=("residual_norms",))
-    assert not any(r[5] for r in rows)
+    assert not any(r.ok for r in rows)
 
 
 # ------------------------------------------------------------------------- split-D launch plans

@@ -207,5 +207,5 @@ def test_selftest_capture_rows_pass_on_cpu():
     from deq_fast import selftest
 
     rows = selftest.run_capture_checks("cpu", timing=True)
-    assert [r[0] for r in rows] == [f"captured/{m}" for m in METHODS]
-    assert all(ok and err <= tol and t_c > 0 and t_e > 0 for _, _, _, err, tol, ok, t_c, t_e in rows)
+    assert [r.check for r in rows] == [f"captured/{m}" for m in METHODS]
+    assert all(r.ok and r.err <= r.tol and r.us > 0 and r.base_us > 0 for r in rows), rows
