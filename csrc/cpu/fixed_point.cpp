@@ -56,34 +56,41 @@ __attribute__((always_inline)) inline scalar_t damped(scalar_t f, scalar_t x, sc
   return a + b;
 }
 
-// One row: best = x (Take), the two squared norms, x = y (On); each element read once. fx may
-// alias x (f returning its input): every element is read before it is written.
+// One row: best = x (Take), the two squared norms, x = y (On). fx may alias x (f returning its
+// input): each block of kHalf elements is loaded into registers before any of it is stored, which
+// also lets the compiler vectorise without assuming the pointers apart.
 template <typename scalar_t, bool Plain, bool Take, bool On>
 __attribute__((always_inline)) inline void step_impl(scalar_t* x, const scalar_t* fx,
                                                      scalar_t* best, int64_t D, scalar_t tau,
                                                      scalar_t keep, double* gg, double* yy) {
   constexpr int64_t kHalf = kLanes / 2;
   double sg[kHalf] = {}, sy[kHalf] = {};
-  auto one = [&](int64_t i, double& acc_g, double& acc_y) __attribute__((always_inline)) {
-    const scalar_t xi = x[i];
-    const scalar_t y = Plain ? fx[i] : damped(fx[i], xi, tau, keep);
-    const double g = static_cast<double>(static_cast<scalar_t>(y - xi));
-    acc_g += g * g;
-    acc_y += static_cast<double>(y) * static_cast<double>(y);
-    if (Take) best[i] = xi;
-    if (On) x[i] = y;
+  scalar_t xv[kHalf], yv[kHalf];
+  auto block = [&](int64_t i, int64_t n, double* acc_g, double* acc_y)
+      __attribute__((always_inline)) {
+    for (int64_t j = 0; j < n; ++j) xv[j] = x[i + j];
+    for (int64_t j = 0; j < n; ++j) yv[j] = Plain ? fx[i + j] : damped(fx[i + j], xv[j], tau, keep);
+    for (int64_t j = 0; j < n; ++j) {
+      const double g = static_cast<double>(static_cast<scalar_t>(yv[j] - xv[j]));
+      acc_g[j] += g * g;
+      acc_y[j] += static_cast<double>(yv[j]) * static_cast<double>(yv[j]);
+    }
+    if (Take)
+      for (int64_t j = 0; j < n; ++j) best[i + j] = xv[j];
+    if (On)
+      for (int64_t j = 0; j < n; ++j) x[i + j] = yv[j];
   };
   int64_t i = 0;
-  for (; i + kHalf <= D; i += kHalf)
-    for (int64_t j = 0; j < kHalf; ++j) one(i + j, sg[j], sy[j]);
-  double tg = 0.0, ty = 0.0;
-  for (; i < D; ++i) one(i, tg, ty);
+  for (; i + kHalf <= D; i += kHalf) block(i, kHalf, sg, sy);
+  double tg[kHalf] = {}, ty[kHalf] = {};
+  block(i, D - i, tg, ty);                      // the tail, fewer than kHalf elements
+  double total_g = 0.0, total_y = 0.0;
   for (int64_t j = 0; j < kHalf; ++j) {
-    tg += sg[j];
-    ty += sy[j];
+    total_g += tg[j] + sg[j];
+    total_y += ty[j] + sy[j];
   }
-  *gg = tg;
-  *yy = ty;
+  *gg = total_g;
+  *yy = total_y;
 }
 
 template <typename scalar_t, bool Plain>
