@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import deq_fast
-from deq_fast.ops import table
+from deq_fast.ops import extension, table
 from deq_fast.profiling import OpCounter
 from deq_fast.solvers.engine import MAIN_PASS
 from deq_fast.testing import linear_problem
@@ -236,6 +236,8 @@ def test_fixed_point_deferred_best_copy_equals_the_plain_iteration(backend, tau)
     """The fused pass copies the best iterate one iteration late (and the stopping iteration's step
     is taken): samples stopping at different iterations, the host looking every 4 evaluations,
     still return the iterate, step and trace of the plain per-sample iteration."""
+    if backend == "cpp" and not extension.available():
+        pytest.skip("the C++ CPU kernels are not built")
     g = torch.Generator().manual_seed(11)
     W = torch.randn(40, 40, generator=g, dtype=torch.float64) / 40 ** 0.5 * 0.8
     b = torch.randn(6, 40, generator=g, dtype=torch.float64) * torch.logspace(-3, 1, 6)[:, None].double()
@@ -251,3 +253,15 @@ def test_fixed_point_deferred_best_copy_equals_the_plain_iteration(backend, tau)
     torch.testing.assert_close(res.z, z, atol=1e-12, rtol=0)
     assert res.nstep.tolist() == nstep.tolist()
     torch.testing.assert_close(res.rel_trace, trace, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.skipif(not extension.available(), reason="the C++ CPU kernels are not built")
+@pytest.mark.parametrize("tau", [1.0, 0.6])
+def test_fixed_point_iteration_is_two_ops(tau):
+    """C++ path: the fused step and the bookkeeping, nothing else (damping included)."""
+    from deq_fast.profiling import per_iteration
+    f, _ = linear_problem(3, 40)
+    x0 = torch.zeros(3, 40, dtype=torch.float64)
+    ops, syncs, _ = per_iteration(lambda fc, n: deq_fast.solve(
+        fc, x0, method="fixed_point", max_iter=n, tol=0.0, tau=tau, check_every=0), f)
+    assert (ops, syncs) == (2.0, 0.0)
