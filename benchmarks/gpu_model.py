@@ -36,9 +36,10 @@ cannot avoid:
   rows of ``U, V`` and writes ``g`` (``2L + 5``); the coefficients need the whole of ``D``, so
   pass 2 reads ``x, g, g_old, dx`` and ``U, V`` again and writes ``U[s], V[s], dx, x``
   (``2L + 8``). The kernels move exactly this.
-* Fixed point ``3``: read ``x`` and ``f(x)`` (residual norms), write ``x``. The kernels read
-  ``f(x)`` twice (norms, then the advance): ``4``.
-The copy into ``best`` of samples that improved (``+2`` for those samples) is left out of both.
+* Fixed point ``3``: read ``x`` and ``f(x)``, write ``x``. The one fused pass
+  (``fixed_point_step``) moves exactly this.
+The copy into ``best`` of samples that improved is left out of both (Anderson, Broyden: ``+2``
+for those samples; fixed point ``+1``: the next pass writes the ``x`` it reads anyway).
 
 Assumptions (stated, not measured; no GPU was available):
 
@@ -224,9 +225,7 @@ TRAFFIC: dict = {
     "_broyden_dots_kernel": lambda a: _rows(op_bytes.broyden_dots(*_state(a), a["n_valid"]), a),
     "_broyden_update_kernel": lambda a: _rows(op_bytes.broyden_update(*_state(a), a["n_valid"]),
                                               a),
-    "_residual_norms_kernel": lambda a: _rows(op_bytes.residual_norms(*_state(a)), a),
-    "_fixed_point_advance_kernel": lambda a: _rows(op_bytes.fixed_point_advance(*_state(a),
-                                                                               a["tau"]), a),
+    "_fixed_point_step_kernel": lambda a: _rows(op_bytes.fixed_point_step(*_state(a)), a),
     "_track_status_kernel": _track_status,
 }
 

@@ -4,7 +4,7 @@
 // Python (deq_fast/ops/table.py), as in pytorch/extension-cpp.
 //
 // The forward solver ops (anderson_residual, anderson_mix, broyden_dots, broyden_update,
-// residual_norms, fixed_point_advance, track_status) exist with or without this extension, so
+// fixed_point_step, track_status) exist with or without this extension, so
 // their schemas are declared by the Python op table (deq_fast/ops/table.py, a FRAGMENT of the
 // same namespace); this extension only adds their CPU kernels (cpu/anderson.cpp, cpu/broyden.cpp,
 // cpu/fixed_point.cpp, cpu/status.cpp).

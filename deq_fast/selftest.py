@@ -128,10 +128,9 @@ def _case(op: str, B: int, D: int, dtype: torch.dtype, big: bool, dev: str):
     r = _Inputs(dev, op, B, D, dtype, big)
     acc = acc_dtype(dtype)
     x, fx = r.randn((B, D), dtype), r.randn((B, D), dtype)
-    if op == "residual_norms":
-        return [x, fx, r.full((B, 2), NAN, acc)], {"sq": 2}
-    if op == "fixed_point_advance":
-        return [x, fx, r.randn((B, D), dtype), r.flags(B), r.flags(B)], {"x": 0, "best": 2}
+    if op == "fixed_point_step":
+        return [x, fx, r.randn((B, D), dtype), r.full((B, 2), NAN, acc), r.flags(B), r.flags(B)], \
+            {"x": 0, "best": 2, "sq": 3}
     if op in ("anderson_residual", "anderson_mix"):
         m = 5
         filled = m if big else 2
@@ -197,7 +196,7 @@ def _time_us(fn: Callable[[], object], reps: int = 20, device: str = "cuda") -> 
     return start.elapsed_time(end) * 1000.0 / reps
 
 
-OPS = ("residual_norms", "fixed_point_advance", "anderson_residual", "anderson_mix",
+OPS = ("fixed_point_step", "anderson_residual", "anderson_mix",
        "broyden_dots", "broyden_update", "track_status")
 
 

@@ -12,21 +12,16 @@ is imported) the kernels run on CPU tensors.
 """
 from .anderson import _anderson_mix_kernel, _anderson_residual_kernel, anderson_mix, anderson_residual
 from .broyden import _broyden_dots_kernel, _broyden_update_kernel, broyden_dots, broyden_update
-from .fixed_point import (
-    _fixed_point_advance_kernel,
-    _residual_norms_kernel,
-    fixed_point_advance,
-    residual_norms,
-)
+from .fixed_point import _fixed_point_step_kernel, fixed_point_step
 from .status import _track_status_kernel, track_status
 
-__all__ = ["anderson_residual", "anderson_mix", "broyden_dots", "broyden_update", "residual_norms",
-           "fixed_point_advance", "track_status", "KERNELS"]
+__all__ = ["anderson_residual", "anderson_mix", "broyden_dots", "broyden_update",
+           "fixed_point_step", "track_status", "KERNELS"]
 
 # op name -> its Triton kernel (for ahead-of-time compilation checks)
 KERNELS = {
     "anderson_residual": _anderson_residual_kernel, "anderson_mix": _anderson_mix_kernel,
     "broyden_dots": _broyden_dots_kernel, "broyden_update": _broyden_update_kernel,
-    "residual_norms": _residual_norms_kernel, "fixed_point_advance": _fixed_point_advance_kernel,
+    "fixed_point_step": _fixed_point_step_kernel,
     "track_status": _track_status_kernel,
 }

@@ -1,19 +1,18 @@
-// CPU kernels of the forward solver ops deq_fast::residual_norms / fixed_point_advance
-// (deq_fast/ops/fixed_point.py): one sweep per sample each. The schemas are declared by the Python
-// op table (deq_fast/ops/table.py); this file only registers their CPU kernels.
+// CPU kernel of the forward solver op deq_fast::fixed_point_step (deq_fast/ops/fixed_point.py): one
+// sweep per sample. The schema is declared by the Python op table (deq_fast/ops/table.py); this
+// file only registers its CPU kernel.
 //
-//   residual_norms      = residual_norms_reference       sq = [||y - x||^2, ||y||^2]
-//   fixed_point_advance = fixed_point_advance_reference  best = y where improved; x = y where active
+//   fixed_point_step = fixed_point_step_reference, per sample in one sweep:
+//     best = x where improved (the previous iteration's deferred best copy);
+//     sq = [||y - x||^2, ||y||^2];  x = y where active
 //
 // with the damped map y = tau fx + (1 - tau) x formed per element in the state dtype exactly as the
 // reference's torch expression rounds it (fx * tau, x * (1 - tau), their sum; y = fx when tau = 1).
-// Norms: products in double over 16 lanes, one rounding to the accumulation dtype (float32 for
+// Norms: products in double over 8 lanes, one rounding to the accumulation dtype (float32 for
 // float32 states, float64 for float64); deterministic (no dependence on threads).
 //
-// Bytes per call (size = element size):
-//   residual_norms:      read x, fx                                  -> 2 B D size
-//   fixed_point_advance: read fx (and x when damped), write x where active, best where improved
-//                                                                    -> up to 4 B D size
+// Bytes per call (size = element size): read x, fx, write x where active, best where improved
+//                                                                    -> 3 B D size (+1 row improved)
 // float32/float64 states; other dtypes are refused (the torch path runs the reference for them).
 #include "deq_fast/cpu_stream.h"
 
@@ -57,132 +56,97 @@ __attribute__((always_inline)) inline scalar_t damped(scalar_t f, scalar_t x, sc
   return a + b;
 }
 
-// ||y - x||^2 and ||y||^2 of one row.
-template <typename scalar_t>
-__attribute__((always_inline)) inline void norms_impl(const scalar_t* x, const scalar_t* fx,
-                                                      int64_t D, bool plain, scalar_t tau,
-                                                      scalar_t keep, double* gg, double* yy) {
+// One row: best = x (Take), the two squared norms, x = y (On). fx may alias x (f returning its
+// input): each block of kHalf elements is loaded into registers before any of it is stored, which
+// also lets the compiler vectorise without assuming the pointers apart.
+template <typename scalar_t, bool Plain, bool Take, bool On>
+__attribute__((always_inline)) inline void step_impl(scalar_t* x, const scalar_t* fx,
+                                                     scalar_t* best, int64_t D, scalar_t tau,
+                                                     scalar_t keep, double* gg, double* yy) {
   constexpr int64_t kHalf = kLanes / 2;
   double sg[kHalf] = {}, sy[kHalf] = {};
+  scalar_t xv[kHalf], yv[kHalf];
+  auto block = [&](int64_t i, int64_t n, double* acc_g, double* acc_y)
+      __attribute__((always_inline)) {
+    for (int64_t j = 0; j < n; ++j) xv[j] = x[i + j];
+    for (int64_t j = 0; j < n; ++j) yv[j] = Plain ? fx[i + j] : damped(fx[i + j], xv[j], tau, keep);
+    for (int64_t j = 0; j < n; ++j) {
+      const double g = static_cast<double>(static_cast<scalar_t>(yv[j] - xv[j]));
+      acc_g[j] += g * g;
+      acc_y[j] += static_cast<double>(yv[j]) * static_cast<double>(yv[j]);
+    }
+    if (Take)
+      for (int64_t j = 0; j < n; ++j) best[i + j] = xv[j];
+    if (On)
+      for (int64_t j = 0; j < n; ++j) x[i + j] = yv[j];
+  };
   int64_t i = 0;
-  if (plain) {
-    for (; i + kHalf <= D; i += kHalf)
-      for (int64_t j = 0; j < kHalf; ++j) {
-        const scalar_t y = fx[i + j];
-        const double g = static_cast<double>(static_cast<scalar_t>(y - x[i + j]));
-        sg[j] += g * g;
-        sy[j] += static_cast<double>(y) * static_cast<double>(y);
-      }
-  } else {
-    for (; i + kHalf <= D; i += kHalf)
-      for (int64_t j = 0; j < kHalf; ++j) {
-        const scalar_t y = damped(fx[i + j], x[i + j], tau, keep);
-        const double g = static_cast<double>(static_cast<scalar_t>(y - x[i + j]));
-        sg[j] += g * g;
-        sy[j] += static_cast<double>(y) * static_cast<double>(y);
-      }
-  }
-  double tg = 0.0, ty = 0.0;
-  for (; i < D; ++i) {
-    const scalar_t y = plain ? fx[i] : damped(fx[i], x[i], tau, keep);
-    const double g = static_cast<double>(static_cast<scalar_t>(y - x[i]));
-    tg += g * g;
-    ty += static_cast<double>(y) * static_cast<double>(y);
-  }
+  for (; i + kHalf <= D; i += kHalf) block(i, kHalf, sg, sy);
+  double tg[kHalf] = {}, ty[kHalf] = {};
+  block(i, D - i, tg, ty);                      // the tail, fewer than kHalf elements
+  double total_g = 0.0, total_y = 0.0;
   for (int64_t j = 0; j < kHalf; ++j) {
-    tg += sg[j];
-    ty += sy[j];
+    total_g += tg[j] + sg[j];
+    total_y += ty[j] + sy[j];
   }
-  *gg = tg;
-  *yy = ty;
+  *gg = total_g;
+  *yy = total_y;
 }
 
-// best = y (when take), x = y (when on), for one row; y formed once per element.
-template <typename scalar_t>
-__attribute__((always_inline)) inline void advance_impl(scalar_t* x, const scalar_t* fx,
-                                                        scalar_t* best, int64_t D, bool plain,
-                                                        scalar_t tau, scalar_t keep, bool take,
-                                                        bool on) {
-  if (plain) {
-    if (take) std::copy(fx, fx + D, best);
-    if (on) std::copy(fx, fx + D, x);
-    return;
-  }
-  if (take && on) {
-    for (int64_t i = 0; i < D; ++i) {
-      const scalar_t y = damped(fx[i], x[i], tau, keep);
-      best[i] = y;
-      x[i] = y;
-    }
-  } else if (take) {
-    for (int64_t i = 0; i < D; ++i) best[i] = damped(fx[i], x[i], tau, keep);
-  } else if (on) {
-    for (int64_t i = 0; i < D; ++i) x[i] = damped(fx[i], x[i], tau, keep);
-  }
+template <typename scalar_t, bool Plain>
+__attribute__((always_inline)) inline void step_flags(scalar_t* x, const scalar_t* fx,
+                                                      scalar_t* best, int64_t D, scalar_t tau,
+                                                      scalar_t keep, bool take, bool on,
+                                                      double* gg, double* yy) {
+  if (take && on) step_impl<scalar_t, Plain, true, true>(x, fx, best, D, tau, keep, gg, yy);
+  else if (take) step_impl<scalar_t, Plain, true, false>(x, fx, best, D, tau, keep, gg, yy);
+  else if (on) step_impl<scalar_t, Plain, false, true>(x, fx, best, D, tau, keep, gg, yy);
+  else step_impl<scalar_t, Plain, false, false>(x, fx, best, D, tau, keep, gg, yy);
 }
 
 #define DEQ_FAST_FIXED_POINT_STREAMING(T)                                                         \
-  DEQ_FAST_CLONES void norms_row(const T* x, const T* fx, int64_t D, bool plain, T tau, T keep,  \
-                                 double* gg, double* yy) {                                        \
-    norms_impl(x, fx, D, plain, tau, keep, gg, yy);                                               \
-  }                                                                                               \
-  DEQ_FAST_CLONES void advance_row(T* x, const T* fx, T* best, int64_t D, bool plain, T tau,     \
-                                   T keep, bool take, bool on) {                                  \
-    advance_impl(x, fx, best, D, plain, tau, keep, take, on);                                     \
+  DEQ_FAST_CLONES void step_row(T* x, const T* fx, T* best, int64_t D, bool plain, T tau, T keep, \
+                                bool take, bool on, double* gg, double* yy) {                     \
+    if (plain) step_flags<T, true>(x, fx, best, D, tau, keep, take, on, gg, yy);                  \
+    else step_flags<T, false>(x, fx, best, D, tau, keep, take, on, gg, yy);                       \
   }
 DEQ_FAST_FIXED_POINT_STREAMING(float)
 DEQ_FAST_FIXED_POINT_STREAMING(double)
 #undef DEQ_FAST_FIXED_POINT_STREAMING
 
-void residual_norms(const Tensor& x, const Tensor& fx_in, const Tensor& sq, double tau) {
+void fixed_point_step(const Tensor& x, const Tensor& fx_in, const Tensor& best, const Tensor& sq,
+                      const Tensor& improved, const Tensor& active, double tau) {
   const Tensor fx = fx_in.contiguous();   // f may return any strides
-  check_pair(x, fx, "residual_norms");
+  check_pair(x, fx, "fixed_point_step");
+  TORCH_CHECK(best.sizes() == x.sizes() && best.scalar_type() == x.scalar_type() &&
+                  best.is_contiguous(),
+              "fixed_point_step: best must be a contiguous tensor shaped and typed like x");
   const int64_t B = x.size(0), D = x.size(1);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(sq.scalar_type() == acc && sq.dim() == 2 && sq.size(0) == B && sq.size(1) == 2,
-              "residual_norms: sq must be a [B, 2] tensor of the accumulation dtype");
-  const int64_t s0 = sq.stride(0), s1 = sq.stride(1);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_norms_cpu", [&] {
-    using acc_t = scalar_t;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* fp = fx.const_data_ptr<scalar_t>();
-    acc_t* sp = sq.mutable_data_ptr<acc_t>();
-    const bool plain = tau == 1.0;
-    const scalar_t t = static_cast<scalar_t>(tau), k = static_cast<scalar_t>(1.0 - tau);
-    at::parallel_for(0, B, grain(D), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        double gg = 0.0, yy = 0.0;
-        norms_row(xp + b * D, fp + b * D, D, plain, t, k, &gg, &yy);
-        sp[b * s0] = static_cast<acc_t>(gg);
-        sp[b * s0 + s1] = static_cast<acc_t>(yy);
-      }
-    });
-  });
-}
-
-void fixed_point_advance(const Tensor& x, const Tensor& fx_in, const Tensor& best,
-                         const Tensor& improved, const Tensor& active, double tau) {
-  const Tensor fx = fx_in.contiguous();
-  check_pair(x, fx, "fixed_point_advance");
-  TORCH_CHECK(best.sizes() == x.sizes() && best.scalar_type() == x.scalar_type() &&
-                  best.is_contiguous(),
-              "fixed_point_advance: best must be a contiguous tensor shaped and typed like x");
-  const int64_t B = x.size(0), D = x.size(1);
+              "fixed_point_step: sq must be a [B, 2] tensor of the accumulation dtype");
   for (const Tensor* t : {&improved, &active}) {
     TORCH_CHECK(t->scalar_type() == at::kBool && t->is_contiguous() && t->numel() == B,
-                "fixed_point_advance: improved and active must be contiguous [B] bool tensors");
+                "fixed_point_step: improved and active must be contiguous [B] bool tensors");
   }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fixed_point_advance_cpu", [&] {
+  const int64_t s0 = sq.stride(0), s1 = sq.stride(1);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fixed_point_step_cpu", [&] {
+    using acc_t = scalar_t;
     scalar_t* xp = x.mutable_data_ptr<scalar_t>();
     const scalar_t* fp = fx.const_data_ptr<scalar_t>();
     scalar_t* bp = best.mutable_data_ptr<scalar_t>();
+    acc_t* sp = sq.mutable_data_ptr<acc_t>();
     const bool* imp = improved.const_data_ptr<bool>();
     const bool* act = active.const_data_ptr<bool>();
     const bool plain = tau == 1.0;
     const scalar_t t = static_cast<scalar_t>(tau), k = static_cast<scalar_t>(1.0 - tau);
     at::parallel_for(0, B, grain(D), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        advance_row(xp + b * D, fp + b * D, bp + b * D, D, plain, t, k, imp[b], act[b]);
+      for (int64_t b = b0; b < b1; ++b) {
+        double gg = 0.0, yy = 0.0;
+        step_row(xp + b * D, fp + b * D, bp + b * D, D, plain, t, k, imp[b], act[b], &gg, &yy);
+        sp[b * s0] = static_cast<acc_t>(gg);
+        sp[b * s0 + s1] = static_cast<acc_t>(yy);
+      }
     });
   });
 }
@@ -192,6 +156,5 @@ void fixed_point_advance(const Tensor& x, const Tensor& fx_in, const Tensor& bes
 }  // namespace deq_fast
 
 TORCH_LIBRARY_IMPL(deq_fast, CPU, m) {
-  m.impl("residual_norms", &deq_fast::fixed_point_cpu::residual_norms);
-  m.impl("fixed_point_advance", &deq_fast::fixed_point_cpu::fixed_point_advance);
+  m.impl("fixed_point_step", &deq_fast::fixed_point_cpu::fixed_point_step);
 }

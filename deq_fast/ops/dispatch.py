@@ -41,8 +41,7 @@ class SolverOps(NamedTuple):
     anderson_mix: Callable[..., None]
     broyden_dots: Callable[..., None]
     broyden_update: Callable[..., None]
-    residual_norms: Callable[..., None]
-    fixed_point_advance: Callable[..., None]
+    fixed_point_step: Callable[..., None]
     track_status: Callable[..., None]
     ran: dict
 

@@ -33,9 +33,10 @@ per-solve table the engine calls from these rows.
 Example:
     >>> import torch
     >>> from deq_fast.ops.table import OPS_BY_NAME
-    >>> x, fx, sq = torch.randn(2, 37), torch.randn(2, 37), torch.empty(2, 2)
-    >>> torch.ops.deq_fast.residual_norms(x, fx, sq)                      # sq: [2, 2]
-    >>> OPS_BY_NAME["residual_norms"].reference is not None
+    >>> x, fx, best, sq = torch.randn(2, 37), torch.randn(2, 37), torch.zeros(2, 37), torch.empty(2, 2)
+    >>> flags = torch.ones(2, dtype=torch.bool)
+    >>> torch.ops.deq_fast.fixed_point_step(x, fx, best, sq, flags, flags)   # sq: [2, 2]
+    >>> OPS_BY_NAME["fixed_point_step"].reference is not None
     True
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ import torch
 from deq_fast.ops import backends, backward as bwd, extension
 from deq_fast.ops.anderson import anderson_mix_reference, anderson_residual_reference
 from deq_fast.ops.broyden import broyden_dots_reference, broyden_update_reference
-from deq_fast.ops.fixed_point import fixed_point_advance_reference, residual_norms_reference
+from deq_fast.ops.fixed_point import fixed_point_step_reference
 from deq_fast.ops.lstsq import anderson_lstsq_reference
 from deq_fast.ops.status import track_status_reference
 
@@ -153,13 +154,10 @@ OPS: tuple[OpSpec, ...] = (
            "int n_valid) -> ()",
            broyden_update_reference, triton="broyden_update", triton_fits=_broyden_update_fits,
            cpp=("CPU",)),
-    OpSpec("residual_norms", "(Tensor x, Tensor fx, Tensor(a!) sq, float tau=1.0) -> ()",
-           residual_norms_reference, triton="residual_norms",
-           cpp=("CPU",)),  # csrc/cpu/fixed_point.cpp
-    OpSpec("fixed_point_advance",
-           "(Tensor(a!) x, Tensor fx, Tensor(b!) best, Tensor improved, Tensor active, "
-           "float tau=1.0) -> ()",
-           fixed_point_advance_reference, triton="fixed_point_advance",
+    OpSpec("fixed_point_step",
+           "(Tensor(a!) x, Tensor fx, Tensor(b!) best, Tensor(c!) sq, Tensor improved, "
+           "Tensor active, float tau=1.0) -> ()",
+           fixed_point_step_reference, triton="fixed_point_step",
            cpp=("CPU",)),  # csrc/cpu/fixed_point.cpp
     OpSpec("track_status",
            "(Tensor sq, Tensor(a!) lowest, Tensor(b!) best_step, Tensor(c!) trace, "
@@ -216,7 +214,7 @@ def _triton_launchers() -> tuple[tuple[str, ...], Any]:
         return (), None
     # CPU tensors only when the kernels were built by the interpreter (TRITON_INTERPRET=1 before
     # deq_fast.kernels was first imported; a compiled kernel cannot run on CPU tensors)
-    interpreted = type(kernels.KERNELS["residual_norms"]).__name__ == "InterpretedFunction"
+    interpreted = type(kernels.KERNELS["fixed_point_step"]).__name__ == "InterpretedFunction"
     return ("cuda", "cpu") if (interpreted and backends.interpreter_enabled()) else ("cuda",), kernels
 
 

@@ -14,12 +14,12 @@ anderson_residual      x, fx, m - 1 rows of G: ``(m + 1)·B·D·s``   F[s], G[s]
 anderson_mix           n rows of F (+ n of G when beta != 1)       x: ``B·D·s``
 broyden_dots           x, fx, g_old, dx, n_valid rows of U and V   g: ``B·D·s``
 broyden_update         x, g, g_old, dx, n_valid rows of U and V    U[s], V[s], dx, x
-residual_norms         x, fx                                       (``B·2`` sums)
-fixed_point_advance    fx (+ x when damped)                        x
+fixed_point_step       x, fx                                       x (``B·2`` sums)
 track_status           ``(4·acc + 1)·B``                           ``(6·acc + 2)·B``
 =====================  ==========================================  =====================
 
-The copies of improved samples into ``best`` are left out (they depend on the data). The C++
+The copies of improved samples into ``best`` (Anderson's and Broyden's, and the fixed point's
+deferred copy) are left out (they depend on the data). The C++
 backward ops (:data:`BACKWARD_ROWS`) are given as two floors in rows of ``B·D·s``: the
 *contract* (every ``[B, D]`` operand once) and what the kernels *move* (an operand needed on both
 sides of a reduction over ``D`` is read on each side; ``benchmarks/gpu_model_backward.py``'s
@@ -29,7 +29,7 @@ Example:
     >>> from deq_fast.ops import traffic
     >>> traffic.anderson_residual(B=128, D=65536, size=4, m=6).moved / 2**20   # MiB
     288.0
-    >>> traffic.op_traffic("residual_norms", [torch.zeros(2, 10), torch.zeros(2, 10), None]).read
+    >>> traffic.op_traffic("fixed_point_step", [torch.zeros(2, 10), torch.zeros(2, 10)]).read
     160.0
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 import torch
 
 __all__ = ["Traffic", "anderson_residual", "anderson_mix", "broyden_dots", "broyden_update",
-           "residual_norms", "fixed_point_advance", "track_status", "op_traffic",
+           "fixed_point_step", "track_status", "op_traffic",
            "BACKWARD_ROWS", "backward_traffic", "GPU", "GPUS", "known_gpu"]
 
 
@@ -82,14 +82,10 @@ def broyden_update(B: int, D: int, size: int, n_valid: int) -> Traffic:
     return _rows(2 * n_valid + 4, 4, B, D, size)
 
 
-def residual_norms(B: int, D: int, size: int) -> Traffic:
-    """Read x, fx (the ``[B, 2]`` sums are negligible)."""
-    return _rows(2, 0, B, D, size)
-
-
-def fixed_point_advance(B: int, D: int, size: int, tau: float) -> Traffic:
-    """Read fx (and x when damped, ``tau != 1``); write x."""
-    return _rows(1 + (tau != 1.0), 1, B, D, size)
+def fixed_point_step(B: int, D: int, size: int) -> Traffic:
+    """The fixed point's one pass: read x, fx; write x (the ``[B, 2]`` sums are negligible).
+    Damping is formed in the pass from the same two reads."""
+    return _rows(2, 1, B, D, size)
 
 
 def track_status(B: int, acc_size: int) -> Traffic:
@@ -108,9 +104,7 @@ _OF_ARGS: dict = {
     "anderson_mix": lambda a: anderson_mix(*_state(a[3]), a[6], a[10]),
     "broyden_dots": lambda a: broyden_dots(*_state(a[0]), a[9]),
     "broyden_update": lambda a: broyden_update(*_state(a[0]), a[12]),
-    "residual_norms": lambda a: residual_norms(*_state(a[0])),
-    "fixed_point_advance": lambda a: fixed_point_advance(*_state(a[0]),
-                                                         a[5] if len(a) > 5 else 1.0),
+    "fixed_point_step": lambda a: fixed_point_step(*_state(a[0])),
     "track_status": lambda a: track_status(a[0].shape[0], a[0].element_size()),
 }
 

@@ -4,7 +4,7 @@ Everything per sample and on the device: norms, lowest-residual tracking, conver
 freezing of stopped samples. The host looks at the ``active`` flags after every ``check_every``
 evaluations without a host sync (:mod:`deq_fast.solvers.polling`), or never with ``check_every=0``
 (a fixed iteration count). Histories are fixed-capacity rings. The per-iteration work is the fused
-ops of :mod:`deq_fast.ops` (at most three launches besides ``f``), taken from
+ops of :mod:`deq_fast.ops` (at most three launches besides ``f``; two for fixed point), taken from
 :func:`deq_fast.ops.dispatch.get_ops` for the backend.
 
 The three public APIs (:mod:`deq_fast.solvers.api`, :mod:`deq_fast.compat.torchdeq`,
@@ -23,6 +23,7 @@ import torch
 
 from deq_fast.ops.dispatch import get_ops
 from deq_fast.ops.dtypes import acc_dtype
+from deq_fast.ops.fixed_point import take_improved
 from deq_fast.solvers.linesearch import search_step
 from deq_fast.solvers.polling import make_poll
 
@@ -205,21 +206,31 @@ def _broyden_loop(f: Callable, x: torch.Tensor, tr: _Tracker, n_evals: int) -> N
 
 
 def _fixed_point_loop(f: Callable, x: torch.Tensor, tr: _Tracker, n_evals: int) -> None:
-    """Damped fixed-point iteration ``x <- tau·f(x) + (1 - tau)·x``."""
-    tau = tr.opt.tau
+    """Damped fixed-point iteration ``x <- tau·f(x) + (1 - tau)·x``: one fused pass per iteration.
+
+    ``fixed_point_step`` reads ``x`` and ``f(x)`` once: it forms the damped ``y`` and its norms
+    and writes ``x = y`` for active samples. The best-iterate copy is deferred (see
+    ``deq_fast/ops/fixed_point.py``): ``track_status`` decides ``improved`` after the pass, when
+    the sample's ``y`` is already in ``x``, and the next pass copies it into ``best``;
+    :func:`take_improved` does it before an indexed copy of ``best`` and after the last pass.
+    """
+    tau, st = tr.opt.tau, tr.st
     sq = torch.empty(x.shape[0], 2, dtype=acc_dtype(x.dtype), device=x.device)
     for e in range(n_evals):
         fx = tr.evaluate(f, x)
-        tr.ops.residual_norms(x, fx, sq, tau)          # of the damped map, formed in-pass
+        tr.ops.fixed_point_step(x, fx, st.best, sq, tr.improved, st.active, tau)
         tr.status(sq, e)
-        tr.ops.fixed_point_advance(x, fx, tr.st.best, tr.improved, tr.st.active, tau)
+        if e + 1 in tr.indexing:
+            take_improved(x, st.best, tr.improved)
         if tr.done(e):
             break
+    take_improved(x, st.best, tr.improved)
 
 
 LOOPS = {"anderson": _anderson_loop, "broyden": _broyden_loop, "fixed_point": _fixed_point_loop}
 #: the pass that carries each method's O(history · D) work: its implementation is reported
-MAIN_PASS = {"anderson": "anderson_residual", "broyden": "broyden_dots", "fixed_point": "residual_norms"}
+MAIN_PASS = {"anderson": "anderson_residual", "broyden": "broyden_dots",
+             "fixed_point": "fixed_point_step"}
 
 
 def run(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, opt: Options) -> EngineState:

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("DEQ_FAST_NO_EXT") == "1",
                                 reason="DEQ_FAST_NO_EXT=1: the extension is deliberately not used")
 
 NAN = float("nan")
-OPS = ("anderson_residual", "anderson_mix", "residual_norms", "fixed_point_advance", "track_status")
+OPS = ("anderson_residual", "anderson_mix", "fixed_point_step", "track_status")
 # max |op - ref| / max(|ref|, 1): the C++ kernels accumulate in double (Anderson's: 64-element
 # blocks in the state dtype, then double), the reference in the accumulation dtype (float32 bmm /
 # vector_norm), so float32 differs by the reference's rounding
@@ -223,53 +223,67 @@ def test_anderson_mix_nan_gram_falls_back_per_sample(C):
     _assert_close(["x", "best"], got, want, TOL[torch.float32], nan_ok=True)
 
 
-# ---- residual_norms / fixed_point_advance --------------------------------------------------
+# ---- fixed_point_step ---------------------------------------------------------------------
 
-FP = [(1, 37, 1.0), (3, 2500, 1.0), (2, 4101, 0.7), (5, 33, 0.35)]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
-@pytest.mark.parametrize("B,D,tau", FP, ids=[f"B{b}-D{d}-tau{t}" for b, d, t in FP])
-def test_residual_norms_equals_reference(C, dtype, B, D, tau):
-    gen = _gen("norms", dtype, B, D, tau)
-    x, fx = _randn(gen, (B, D), dtype), _randn(gen, (B, D), dtype)
-    acc = _acc(dtype)
-    got, want = torch.full((B, 2), NAN, dtype=acc), torch.empty(B, 2, dtype=acc)
-    C.residual_norms.default(x, fx, got, tau)
-    R.residual_norms(x, fx, want, tau)
-    _assert_close(["sq"], [got], [want], TOL[dtype])
-    if tau != 1.0:                                   # negative check: tau is not ignored
-        plain = torch.empty(B, 2, dtype=acc)
-        C.residual_norms.default(x, fx, plain, 1.0)
-        assert not torch.allclose(plain, got)
+FP = [(1, 37, 1.0), (3, 2500, 1.0), (2, 4101, 0.7), (5, 33, 0.35), (6, 130, 1.0)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
-@pytest.mark.parametrize("B,D,tau", FP, ids=[f"B{b}-D{d}-tau{t}" for b, d, t in FP])
-def test_fixed_point_advance_equals_reference(C, dtype, B, D, tau):
-    gen = _gen("advance", dtype, B, D, tau)
+def _step_case(gen, B, D, dtype):
+    """``x, fx, best`` and flags covering all four (improved, active) pairs when ``B >= 4``."""
     x, fx, best = (_randn(gen, (B, D), dtype) for _ in range(3))
     improved = torch.rand(B, generator=gen) < 0.5
     active = torch.rand(B, generator=gen) < 0.6
-    improved[0], active[0] = True, True
-    if B > 1:
-        active[-1], improved[-1] = False, True       # a stopped sample that still improved
-    got, want = [x.clone(), best.clone()], [x.clone(), best.clone()]
-    C.fixed_point_advance.default(got[0], fx, got[1], improved, active, tau)
-    R.fixed_point_advance(want[0], fx, want[1], improved, active, tau)
-    # elementwise in the state dtype, rounded as torch rounds it: equal, not just close
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    pairs = [(True, True), (True, False), (False, True), (False, False)]
+    for b, (imp, act) in zip(range(B), pairs):
+        improved[b], active[b] = imp, act
+    return x, fx, best, improved, active
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("B,D,tau", FP, ids=[f"B{b}-D{d}-tau{t}" for b, d, t in FP])
+def test_fixed_point_step_equals_reference(C, dtype, B, D, tau):
+    gen = _gen("step", dtype, B, D, tau)
+    x, fx, best, improved, active = _step_case(gen, B, D, dtype)
+    acc = _acc(dtype)
+    got = [x.clone(), best.clone(), torch.full((B, 2), NAN, dtype=acc)]
+    want = [x.clone(), best.clone(), torch.empty(B, 2, dtype=acc)]
+    C.fixed_point_step.default(got[0], fx, got[1], got[2], improved, active, tau)
+    R.fixed_point_step(want[0], fx, want[1], want[2], improved, active, tau)
+    # x and best: elementwise in the state dtype, rounded as torch rounds it: equal, not close
+    torch.testing.assert_close(got[:2], want[:2], rtol=0, atol=0)
+    _assert_close(["sq"], got[2:], want[2:], TOL[dtype])
+    assert torch.equal(got[1][improved], x[improved])          # the deferred copy: the old x
+    assert torch.equal(got[0][~active], x[~active])            # a stopped sample stays put
+    if tau != 1.0:                                   # negative check: tau is not ignored
+        plain = [x.clone(), best.clone(), torch.empty(B, 2, dtype=acc)]
+        C.fixed_point_step.default(plain[0], fx, plain[1], plain[2], improved, active, 1.0)
+        assert not torch.allclose(plain[2], got[2])
+
+
+def test_fixed_point_step_fx_aliasing_x(C):
+    """``f`` may return its input: ``fx`` is ``x`` itself."""
+    gen = _gen("step-alias")
+    x, _, best, improved, active = _step_case(gen, 4, 50, torch.float32)
+    got, want = [x.clone(), best.clone(), torch.empty(4, 2)], [x.clone(), best.clone(), torch.empty(4, 2)]
+    C.fixed_point_step.default(got[0], got[0], got[1], got[2], improved, active, 0.5)
+    R.fixed_point_step(want[0], want[0], want[1], want[2], improved, active, 0.5)
+    torch.testing.assert_close(got[:2], want[:2], rtol=0, atol=0)
+    _assert_close(["sq"], got[2:], want[2:], TOL[torch.float32])
+    # y = 0.5·x + 0.5·x = x exactly: no residual, x unchanged
+    assert torch.equal(got[2][:, 0], torch.zeros(4)) and torch.equal(got[0], x)
 
 
 def test_fixed_point_nan_input(C):
     gen = _gen("fp-nan")
     x, fx = _randn(gen, (3, 65), torch.float32), _randn(gen, (3, 65), torch.float32)
     fx[2, 5] = NAN
-    got, want = torch.empty(3, 2), torch.empty(3, 2)
-    C.residual_norms.default(x, fx, got, 0.6)
-    R.residual_norms(x, fx, want, 0.6)
-    _assert_close(["sq"], [got], [want], TOL[torch.float32], nan_ok=True)
-    assert got[2].isnan().all()
+    flags = torch.ones(3, dtype=torch.bool)
+    got, want = [x.clone(), x.clone(), torch.empty(3, 2)], [x.clone(), x.clone(), torch.empty(3, 2)]
+    C.fixed_point_step.default(got[0], fx, got[1], got[2], flags, flags, 0.6)
+    R.fixed_point_step(want[0], fx, want[1], want[2], flags, flags, 0.6)
+    _assert_close(["sq"], got[2:], want[2:], TOL[torch.float32], nan_ok=True)
+    assert got[2][2].isnan().all() and not got[2][:2].isnan().any()
+    torch.testing.assert_close(got[:2], want[:2], rtol=0, atol=0, equal_nan=True)
 
 
 # ---- track_status --------------------------------------------------------------------------
@@ -341,8 +355,8 @@ def test_opcheck(C):
     torch.library.opcheck(C.anderson_residual.default, (x, fx, F, G, gram, torch.empty(B, 2), 2))
     torch.library.opcheck(C.anderson_mix.default,
                           (F, G, gram, x.clone(), best.clone(), flags, 3, 2, 1e-4, True, 0.8, True))
-    torch.library.opcheck(C.residual_norms.default, (x, fx, torch.empty(B, 2), 0.5))
-    torch.library.opcheck(C.fixed_point_advance.default, (x.clone(), fx, best.clone(), flags, flags, 0.5))
+    torch.library.opcheck(C.fixed_point_step.default,
+                          (x.clone(), fx, best.clone(), torch.empty(B, 2), flags, flags.flip(0), 0.5))
     torch.library.opcheck(C.track_status.default,
                           (torch.rand(B, 2), torch.full((B, 2), 1e8), torch.zeros(B, 2),
                            torch.zeros(3, B, 2), torch.ones(B, dtype=torch.bool), flags.clone(), 1,
@@ -370,16 +384,16 @@ def test_bad_arguments_are_refused(C):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_other_dtypes_take_the_reference(C, dtype):
     ops = get_ops("cpp", torch.device("cpu"), dtype)
-    for name in ("anderson_residual", "anderson_mix", "residual_norms", "fixed_point_advance"):
+    for name in ("anderson_residual", "anderson_mix", "fixed_point_step"):
         assert getattr(ops, name).func is getattr(R, name), name
     # track_status touches only the float32 bookkeeping of a half state: its C++ kernel stays
     assert ops.track_status is C.track_status.default
     fast = get_ops("cpp", torch.device("cpu"), torch.float32)
     for name in OPS:
         assert getattr(fast, name) is getattr(C, name).default, name
-    x = torch.zeros(2, 8, dtype=dtype)
+    x, flags = torch.zeros(2, 8, dtype=dtype), torch.ones(2, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="float32 or float64 for the C\\+\\+ CPU kernel"):
-        C.residual_norms.default(x, x, torch.zeros(2, 2), 1.0)
+        C.fixed_point_step.default(x, x, x.clone(), torch.zeros(2, 2), flags, flags, 1.0)
 
 
 def test_no_ext_env_gives_the_references(C, monkeypatch):
@@ -419,7 +433,7 @@ def test_solve_uses_the_fused_ops_and_equals_the_reference(C, dtype, method, kw)
     with OpNames() as seen:
         fast = deq_fast.solve(f, z0, method=method, max_iter=25, tol=1e-5, backend="torch", **kw)
     names = ({"deq_fast::anderson_residual", "deq_fast::anderson_mix"} if method == "anderson" else
-             {"deq_fast::residual_norms", "deq_fast::fixed_point_advance"}) | {"deq_fast::track_status"}
+             {"deq_fast::fixed_point_step"}) | {"deq_fast::track_status"}
     assert names <= seen.names
     ref = _reference_solve(lambda: deq_fast.solve(f, z0, method=method, max_iter=25, tol=1e-5,
                                                   backend="torch", **kw))

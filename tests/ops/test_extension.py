@@ -71,7 +71,9 @@ def test_import_and_reference_path_without_extension():
         from deq_fast.ops.table import REFERENCE
         assert not torch._C._dispatch_has_kernel_for_dispatch_key("deq_fast::broyden_dots", "CPU")
         x, fx, sq = torch.randn(2, 5), torch.randn(2, 5), torch.empty(2, 2)
-        torch.ops.deq_fast.residual_norms(x, fx, sq)
+        flags = torch.ones(2, dtype=torch.bool)
+        torch.ops.deq_fast.fixed_point_step(x.clone(), fx, torch.zeros(2, 5), sq, flags, flags)
+        torch.testing.assert_close(sq[:, 0], (fx - x).square().sum(1))
         B, L, D = 2, 3, 5
         g, abc, scal = torch.empty(B, D), torch.zeros(B, 3, L), torch.empty(B, 4)
         torch.ops.deq_fast.broyden_dots(x, fx, torch.zeros(B, D), g, x, torch.zeros(B, L, D),

@@ -79,45 +79,52 @@ def assert_outputs(names, got, want, tol):
             assert err <= tol, f"{name}: max err {err:.3g} > tol {tol:.3g}"
 
 
-# ---------------------------------------------------------------- residual norms / fixed point
-@pytest.mark.parametrize("tau", [1.0, 0.6], ids=["plain", "damped"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("B,D", [(1, 37), (3, 130)], ids=["B1-D37", "B3-D130"])
-def test_residual_norms(dtype, B, D, tau):
-    gen = _gen("rn", dtype, B, D)
-    x, fx = gen.randn((B, D), dtype), gen.randn((B, D), dtype)
-    sq_k = nan_empty((B, 2), acc_dtype(dtype), DEVICE)
-    sq_r = sq_k.clone()
-    K.residual_norms(x, fx, sq_k, tau)
-    R.residual_norms(x, fx, sq_r, tau)
-    assert_outputs(["sq"], [sq_k], [sq_r], KERNEL_TOL[dtype])
-    if tau != 1.0:                      # negative check: the damping is not ignored
-        R.residual_norms(x, fx, sq_r)
-        assert max_err(sq_k, sq_r) > KERNEL_TOL[dtype]
-
-
-def test_residual_norms_strided_fx():
-    """``f`` may return a strided view: the launcher copies it, the result is unchanged."""
-    gen = _gen("rn-strided")
-    x, fx = gen.randn((3, 37), torch.float32), gen.randn((37, 3), torch.float32).t()
-    sq_k, sq_r = torch.empty(3, 2, device=DEVICE), torch.empty(3, 2, device=DEVICE)
-    K.residual_norms(x, fx, sq_k)
-    R.residual_norms(x, fx, sq_r)
-    assert max_err(sq_k, sq_r) <= KERNEL_TOL[torch.float32]
-
-
-@pytest.mark.parametrize("tau", [1.0, 0.6], ids=["plain", "damped"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("B,D", [(1, 37), (3, 130)], ids=["B1-D37", "B3-D130"])
-def test_fixed_point_advance(dtype, B, D, tau):
-    gen = _gen("fpa", dtype, B, D)
+# ----------------------------------------------------------------------------- fixed point
+def _step_state(gen, B, D, dtype):
+    """``x, fx, best`` and per-sample flags; with ``B >= 4`` every (improved, active) pair."""
     x, fx, best = (gen.randn((B, D), dtype) for _ in range(3))
     improved, active = gen.flags(B), gen.flags(B)
-    got, want = [x.clone(), best.clone()], [x.clone(), best.clone()]
-    K.fixed_point_advance(got[0], fx, got[1], improved, active, tau)
-    R.fixed_point_advance(want[0], fx, want[1], improved, active, tau)
-    # plain: pure copies, exact; damped: one rounding of tau·f + (1 - tau)·x (fused in-kernel)
-    assert_outputs(["x", "best"], got, want, 0.0 if tau == 1.0 else KERNEL_TOL[dtype])
+    for b, (imp, act) in zip(range(B), [(True, True), (True, False), (False, True), (False, False)]):
+        improved[b], active[b] = imp, act
+    return x, fx, best, improved, active
+
+
+def _step_both(x, fx, best, improved, active, tau):
+    """``fixed_point_step`` by the kernel and by the reference: ``(got, want)``, each
+    ``[x, best, sq]`` (``sq`` NaN-filled first)."""
+    sq = nan_empty((x.shape[0], 2), acc_dtype(x.dtype), DEVICE)
+    got, want = [x.clone(), best.clone(), sq.clone()], [x.clone(), best.clone(), sq.clone()]
+    K.fixed_point_step(got[0], fx, got[1], got[2], improved, active, tau)
+    R.fixed_point_step(want[0], fx, want[1], want[2], improved, active, tau)
+    return got, want
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.6], ids=["plain", "damped"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("B,D", [(1, 37), (4, 130)], ids=["B1-D37", "B4-D130"])
+def test_fixed_point_step(dtype, B, D, tau):
+    gen = _gen("fps", dtype, B, D)
+    x, fx, best, improved, active = _step_state(gen, B, D, dtype)
+    got, want = _step_both(x, fx, best, improved, active, tau)
+    # best: a copy of the old x, exact; x plain: a copy of fx, exact; damped: one rounding of
+    # tau·f + (1 - tau)·x (fused in-kernel)
+    assert_outputs(["best"], got[1:2], want[1:2], 0.0)
+    assert_outputs(["x"], got[:1], want[:1], 0.0 if tau == 1.0 else KERNEL_TOL[dtype])
+    assert_outputs(["sq"], got[2:], want[2:], KERNEL_TOL[dtype])
+    assert torch.equal(got[1][~improved], best[~improved]) and torch.equal(got[0][~active], x[~active])
+    if tau != 1.0:                      # negative check: the damping is not ignored
+        plain = nan_empty((B, 2), acc_dtype(dtype), DEVICE)
+        R.fixed_point_step(x.clone(), fx, best.clone(), plain, improved, active)
+        assert max_err(got[2], plain) > KERNEL_TOL[dtype]
+
+
+def test_fixed_point_step_strided_fx():
+    """``f`` may return a strided view: the launcher copies it, the result is unchanged."""
+    gen = _gen("fps-strided")
+    x, _, best, improved, active = _step_state(gen, 4, 37, torch.float32)
+    fx = gen.randn((37, 4), torch.float32).t()
+    got, want = _step_both(x, fx, best, improved, active, 1.0)
+    assert_outputs(["x", "best", "sq"], got, want, KERNEL_TOL[torch.float32])
 
 
 # ---------------------------------------------------------------------------------- Anderson
@@ -357,10 +364,15 @@ def test_track_status_several_blocks(whole_batch, stop_together):
 # ------------------------------------------------------------------------ boundary and registry
 def test_launchers_validate_arguments():
     x = torch.zeros(2, 37, device=DEVICE)
+    flags = torch.zeros(2, dtype=torch.bool, device=DEVICE)
     with pytest.raises(ValueError, match="sq"):
-        K.residual_norms(x, x, torch.zeros(2, 2, dtype=torch.float64, device=DEVICE))
+        K.fixed_point_step(x, x, x.clone(), torch.zeros(2, 2, dtype=torch.float64, device=DEVICE),
+                           flags, flags)
     with pytest.raises(ValueError, match="fx"):
-        K.residual_norms(x, torch.zeros(2, 36, device=DEVICE), torch.zeros(2, 2, device=DEVICE))
+        K.fixed_point_step(x, torch.zeros(2, 36, device=DEVICE), x.clone(),
+                           torch.zeros(2, 2, device=DEVICE), flags, flags)
+    with pytest.raises(ValueError, match="improved"):
+        K.fixed_point_step(x, x, x.clone(), torch.zeros(2, 2, device=DEVICE), flags.int(), flags)
     U = torch.zeros(2, 257, 37, device=DEVICE)
     with pytest.raises(ValueError, match="L <= 256"):
         K.broyden_dots(x, x, x, x.clone(), x, U, U, torch.zeros(2, 3, 257, device=DEVICE),
@@ -370,11 +382,11 @@ def test_launchers_validate_arguments():
         K.anderson_residual(x, x, F, F, torch.zeros(2, 17, 17, device=DEVICE),
                             torch.zeros(2, 2, device=DEVICE), 0)
     F, gram = torch.zeros(2, 3, 37, device=DEVICE), torch.zeros(2, 3, 3, device=DEVICE)
-    flags = torch.zeros(2, dtype=torch.bool, device=DEVICE)
     with pytest.raises(ValueError, match="newest"):
         K.anderson_mix(F, F, gram, x, x.clone(), flags, 3, 3, 1e-4, True, 1.0, False)
     with pytest.raises(ValueError, match="x"):
-        K.residual_norms(x.long(), x.long(), torch.zeros(2, 2, device=DEVICE))
+        K.fixed_point_step(x.long(), x.long(), x.long(), torch.zeros(2, 2, device=DEVICE), flags,
+                           flags)
 
 
 def test_ops_registered_with_triton_kernels():
@@ -397,8 +409,7 @@ def _op_args():
                          scal.clone(), L),
         "broyden_update": (x.clone(), fx, best, x.clone(), U.clone(), V.clone(), ab, scal,
                            best.clone(), flags, flags.clone(), 1, L),
-        "residual_norms": (x, fx, torch.empty(B, 2)),
-        "fixed_point_advance": (x.clone(), fx, best.clone(), flags, flags.flip(0)),
+        "fixed_point_step": (x.clone(), fx, best.clone(), torch.empty(B, 2), flags, flags.flip(0)),
         "track_status": (torch.rand(B, 2), torch.full((B, 2), 1e8), torch.zeros(B, 2), trace,
                          flags.clone(), flags.clone(), 1, 2.0, 1e-3, 1, False, False, False, 1e-9),
     }
@@ -489,8 +500,8 @@ def _count(fn) -> collections.Counter:
 @pytest.mark.parametrize("method,tau", [("anderson", 1.0), ("broyden", 1.0), ("fixed_point", 1.0),
                                         ("anderson", 0.7), ("fixed_point", 0.7)])
 def test_launches_per_iteration(method, tau, monkeypatch):
-    """Triton path: exactly 3 fused launches per iteration besides ``f`` (pass 1, status, pass 2;
-    fixed point: norms, status, advance; damping included), no other op and no host sync
+    """Triton path: exactly 3 fused launches per iteration besides ``f`` (pass 1, status, pass 2),
+    2 for fixed point (the fused step, status; damping included), no other op and no host sync
     (``check_every=0``). On a GPU the launches are the dispatched ``deq_fast::`` ops; on the CPU
     (interpreter) the launchers called directly, whose interpreter-internal ops are not counted."""
     from deq_fast.ops import dispatch
@@ -524,7 +535,7 @@ def test_launches_per_iteration(method, tau, monkeypatch):
         per_iter[op] -= k * (n2 - n1)
     per_iter = {op: k / (n2 - n1) for op, k in per_iter.items() if k}
     fused = {op: k for op, k in per_iter.items() if op.startswith("deq_fast::")}
-    assert sum(fused.values()) == 3, per_iter
+    assert sum(fused.values()) == (2 if method == "fixed_point" else 3), per_iter
     assert per_iter == fused, f"non-fused ops per iteration: {per_iter}"
     assert "aten::_local_scalar_dense" not in per_iter
 
@@ -533,15 +544,15 @@ def test_selftest_table(monkeypatch):
     """``python -m deq_fast.selftest`` passes here, and reports FAIL for a broken kernel."""
     from deq_fast import selftest
 
-    rows = selftest.run_kernel_checks(DEVICE, [(1, 37)], ops=("residual_norms", "anderson_mix"))
+    rows = selftest.run_kernel_checks(DEVICE, [(1, 37)], ops=("fixed_point_step", "anderson_mix"))
     assert len(rows) == 8 and all(r.ok for r in rows), rows
 
-    def broken(x, fx, sq):                   # forgets ||fx||^2
-        K.residual_norms(x, fx, sq)
+    def broken(x, fx, best, sq, improved, active, tau=1.0):       # forgets ||y||^2
+        K.fixed_point_step(x, fx, best, sq, improved, active, tau)
         sq[:, 1] = NAN
 
-    monkeypatch.setattr(K, "residual_norms", broken)
-    rows = selftest.run_kernel_checks(DEVICE, [(1, 37)], ops=("residual_norms",))
+    monkeypatch.setattr(K, "fixed_point_step", broken)
+    rows = selftest.run_kernel_checks(DEVICE, [(1, 37)], ops=("fixed_point_step",))
     assert not any(r.ok for r in rows)
 
 
@@ -640,9 +651,8 @@ def _natural_args(dtype, B=1, D=1000, m=5):
         "broyden_update": ((x.clone(), fx - x, g_old, dx.clone(), U.clone(), V.clone(), abc, scal,
                             best.clone(), flags, flags, m - 1, m - 1),
                            ["x", "dx", "U", "V", "best"], (0, 3, 4, 5, 8)),
-        "residual_norms": ((x, fx, nan_empty((B, 2), acc, DEVICE), 0.8), ["sq"], (2,)),
-        "fixed_point_advance": ((x.clone(), fx, best.clone(), flags, flags, 0.8),
-                                ["x", "best"], (0, 2)),
+        "fixed_point_step": ((x.clone(), fx, best.clone(), nan_empty((B, 2), acc, DEVICE), flags,
+                              flags, 0.8), ["x", "best", "sq"], (0, 2, 3)),
     }
 
 
@@ -791,7 +801,7 @@ def test_per_iteration_integers_are_not_specialised():
     """``slot``/``n``/``newest``/``n_valid``/``t`` change every iteration: one compile serves all."""
     want = {"anderson_residual": {"slot"}, "anderson_mix": {"n", "newest"},
             "broyden_dots": {"n_valid"}, "broyden_update": {"slot", "n_valid"},
-            "track_status": {"t"}, "residual_norms": set(), "fixed_point_advance": set()}
+            "track_status": {"t"}, "fixed_point_step": set()}
     assert set(want) == set(K.KERNELS)
     for name, params in want.items():
         assert _not_specialised(K.KERNELS[name]) == params, name

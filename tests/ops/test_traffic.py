@@ -28,7 +28,7 @@ def _load(name: str):
 @pytest.mark.parametrize("size", [2, 4, 8])
 def test_iteration_totals_are_the_docstrings(size):
     """Anderson ``(2m + 4)·B·D·s`` per full-ring iteration, Broyden ``(4L + 13)·B·D·s``, fixed
-    point ``4·B·D·s`` (deq_fast/ops/{anderson,broyden}.py, benchmarks/gpu_model.py)."""
+    point ``3·B·D·s`` (deq_fast/ops/{anderson,broyden}.py, benchmarks/gpu_model.py)."""
     B, D, m, L = 3, 1000, 6, 30
     row = B * D * size
     anderson = traffic.anderson_residual(B, D, size, m).moved + traffic.anderson_mix(B, D, size, m,
@@ -37,11 +37,8 @@ def test_iteration_totals_are_the_docstrings(size):
     broyden = traffic.broyden_dots(B, D, size, L).moved + traffic.broyden_update(B, D, size,
                                                                                  L).moved
     assert broyden == (4 * L + 13) * row
-    fixed = traffic.residual_norms(B, D, size).moved + traffic.fixed_point_advance(B, D, size,
-                                                                                   1.0).moved
-    assert fixed == 4 * row
-    # damping and beta != 1 read one more operand
-    assert traffic.fixed_point_advance(B, D, size, 0.5).read == 2 * row
+    assert traffic.fixed_point_step(B, D, size).moved == 3 * row
+    # beta != 1 reads one more operand
     assert traffic.anderson_mix(B, D, size, m, 0.5).read == 2 * m * row
 
 
@@ -56,8 +53,7 @@ def test_op_traffic_reads_the_ops_arguments():
         ("anderson_mix", traffic.anderson_mix(B, D, 4, 5, 0.8)),
         ("broyden_dots", traffic.broyden_dots(B, D, 4, 6)),
         ("broyden_update", traffic.broyden_update(B, D, 4, 6)),
-        ("residual_norms", traffic.residual_norms(B, D, 4)),
-        ("fixed_point_advance", traffic.fixed_point_advance(B, D, 4, 1.0)),
+        ("fixed_point_step", traffic.fixed_point_step(B, D, 4)),
         ("track_status", traffic.track_status(B, 4)),
     ]:
         args, _ = _case(op, B, D, torch.float32, True, "cpu")

@@ -85,8 +85,8 @@ def test_explain_reports_one_graph_and_no_break():
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
     ops = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
     # the fused ops are nodes of the graph (opaque), chosen at trace time
-    assert {"deq_fast.residual_norms.default", "deq_fast.track_status.default"} <= ops or \
-        {"deq_fast_reference.residual_norms.default", "deq_fast_reference.track_status.default"} <= ops
+    assert {"deq_fast.fixed_point_step.default", "deq_fast.track_status.default"} <= ops or \
+        {"deq_fast_reference.fixed_point_step.default", "deq_fast_reference.track_status.default"} <= ops
 
 
 def test_traced_table_is_the_eager_choice_as_registered_ops():
