@@ -99,7 +99,7 @@ def _broyden_dots_kernel(x_ptr, fx_ptr, g_old_ptr, g_ptr, dx_ptr, U_ptr, V_ptr, 
                          part_ptr, ticket_ptr, n_valid, D, L, chunk_d, chunks, stride_x,
                          stride_fx, stride_go, stride_g, stride_dx, stride_Ub, stride_Ul,
                          stride_Vb, stride_Vl, stride_abc, stride_scal, stride_part,
-                         L_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+                         L_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, MANY_BLOCKS: tl.constexpr):
     """Pass 1 for sample ``b = program_id(0)``, chunk ``program_id(1)``::
 
         g[b] = fx[b] - x[b]                                  (stored, state dtype)
@@ -161,25 +161,26 @@ def _broyden_dots_kernel(x_ptr, fx_ptr, g_old_ptr, g_ptr, dx_ptr, U_ptr, V_ptr, 
     tl.store(part + 3 * L_CEIL + 3, tl.sum(ff, axis=0))
     # the further ring blocks reload g (stored above by other threads of this program: the
     # barrier makes those stores visible), g_old and dx
-    tl.debug_barrier()
-    for l0 in range(L_BLOCK, n_valid, L_BLOCK):
-        slots = l0 + rows
-        rm = slots < n_valid
-        acc_a = tl.zeros([L_BLOCK, BLOCK_D], dtype=ACC)
-        acc_b = tl.zeros([L_BLOCK, BLOCK_D], dtype=ACC)
-        acc_c = tl.zeros([L_BLOCK, BLOCK_D], dtype=ACC)
-        for d0 in range(start, end, BLOCK_D):
-            offs = d0 + cols
-            dm = offs < end
-            ga = tl.load(g_ptr + b * stride_g + offs, mask=dm, other=0.0).to(ACC)
-            dga = ga - tl.load(g_old_ptr + b * stride_go + offs, mask=dm, other=0.0).to(ACC)
-            da = tl.load(dx_ptr + b * stride_dx + offs, mask=dm, other=0.0).to(ACC)
-            Ut, Vt = _ring_tiles(U_ptr, V_ptr, b, stride_Ub, stride_Ul, stride_Vb, stride_Vl,
-                                 slots, offs, rm[:, None] & dm[None, :])
-            acc_a += Ut.to(ACC) * da[None, :]
-            acc_b += Vt.to(ACC) * ga[None, :]
-            acc_c += Vt.to(ACC) * dga[None, :]
-        _store_ring_partials(part, slots, L_CEIL, acc_a, acc_b, acc_c)
+    if MANY_BLOCKS:
+        tl.debug_barrier()
+        for l0 in range(L_BLOCK, n_valid, L_BLOCK):
+            slots = l0 + rows
+            rm = slots < n_valid
+            acc_a = tl.zeros([L_BLOCK, BLOCK_D], dtype=ACC)
+            acc_b = tl.zeros([L_BLOCK, BLOCK_D], dtype=ACC)
+            acc_c = tl.zeros([L_BLOCK, BLOCK_D], dtype=ACC)
+            for d0 in range(start, end, BLOCK_D):
+                offs = d0 + cols
+                dm = offs < end
+                ga = tl.load(g_ptr + b * stride_g + offs, mask=dm, other=0.0).to(ACC)
+                dga = ga - tl.load(g_old_ptr + b * stride_go + offs, mask=dm, other=0.0).to(ACC)
+                da = tl.load(dx_ptr + b * stride_dx + offs, mask=dm, other=0.0).to(ACC)
+                Ut, Vt = _ring_tiles(U_ptr, V_ptr, b, stride_Ub, stride_Ul, stride_Vb, stride_Vl,
+                                     slots, offs, rm[:, None] & dm[None, :])
+                acc_a += Ut.to(ACC) * da[None, :]
+                acc_b += Vt.to(ACC) * ga[None, :]
+                acc_c += Vt.to(ACC) * dga[None, :]
+            _store_ring_partials(part, slots, L_CEIL, acc_a, acc_b, acc_c)
     if last_arrival(ticket_ptr, b, chunks):
         _reduce_chunks(part_ptr + b * stride_part, abc_ptr + b * stride_abc,
                        scal_ptr + b * stride_scal, n_valid, L, L_CEIL, chunks, L_BLOCK)
@@ -215,12 +216,31 @@ def _reduce_chunks(part, abc, scal, n_valid, L, L_CEIL, chunks, L_BLOCK: tl.cons
         tl.store(abc + 2 * L + slots, rc, mask=lm)
 
 
+@triton.jit
+def _ring_sums(abc, L, slots, n_valid, slot, U_ptr, V_ptr, b, stride_Ub, stride_Ul, stride_Vb,
+               stride_Vl, offs, dm, ACC: tl.constexpr):
+    """Pass 2's products with the ring slots ``slots`` (one block) at columns ``offs``:
+    ``(sum_l b_l U_l, sum_l c_l U_l, sum_l a_l V_l, U[slot])``, each ``[BLOCK_D]`` (``U[slot]``
+    is 0 unless ``slot`` is one of the slots below ``n_valid``)."""
+    rm = slots < n_valid
+    a = tl.load(abc + slots, mask=rm, other=0.0)
+    bb = tl.load(abc + L + slots, mask=rm, other=0.0)
+    cc = tl.load(abc + 2 * L + slots, mask=rm, other=0.0)
+    Ut, Vt = _ring_tiles(U_ptr, V_ptr, b, stride_Ub, stride_Ul, stride_Vb, stride_Vl, slots, offs,
+                         rm[:, None] & dm[None, :])
+    Ut = Ut.to(ACC)
+    return (tl.sum(bb[:, None] * Ut, axis=0), tl.sum(cc[:, None] * Ut, axis=0),
+            tl.sum(a[:, None] * Vt.to(ACC), axis=0),
+            tl.sum(tl.where(slots[:, None] == slot, Ut, 0.0), axis=0))
+
+
 @triton.jit(do_not_specialize=["slot", "n_valid"])
 def _broyden_update_kernel(x_ptr, g_ptr, g_old_ptr, dx_ptr, U_ptr, V_ptr, abc_ptr, scal_ptr,
                            best_ptr, improved_ptr, active_ptr, slot, n_valid, D, L, chunk_d,
                            stride_x, stride_g, stride_go, stride_dx, stride_Ub, stride_Ul,
                            stride_Vb, stride_Vl, stride_abc, stride_scal, stride_best,
-                           L_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+                           L_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                           MANY_BLOCKS: tl.constexpr):
     """Pass 2 for sample ``b = program_id(0)`` on the columns of chunk ``program_id(1)`` (``a, b,
     c`` from ``abc``, ``s = slot``)::
 
@@ -269,23 +289,23 @@ def _broyden_update_kernel(x_ptr, g_ptr, g_old_ptr, dx_ptr, U_ptr, V_ptr, abc_pt
         ga = tl.load(g_ptr + b * stride_g + offs, mask=dm, other=0.0).to(ACC)
         dga = ga - tl.load(g_old_ptr + b * stride_go + offs, mask=dm, other=0.0).to(ACC)
         da = tl.load(dx_ptr + b * stride_dx + offs, mask=dm, other=0.0).to(ACC)
-        bU = tl.zeros([BLOCK_D], dtype=ACC)             # sum_l b_l U_l
-        cU = tl.zeros([BLOCK_D], dtype=ACC)             # sum_l c_l U_l
-        aV = tl.zeros([BLOCK_D], dtype=ACC)             # sum_l a_l V_l
-        u_old = tl.zeros([BLOCK_D], dtype=ACC)          # U[slot] (0 unless slot < n_valid)
-        for l0 in range(0, n_valid, L_BLOCK):
-            slots = l0 + rows
-            rm = slots < n_valid
-            a = tl.load(abc + slots, mask=rm, other=0.0)
-            bb = tl.load(abc + L + slots, mask=rm, other=0.0)
-            cc = tl.load(abc + 2 * L + slots, mask=rm, other=0.0)
-            Ut, Vt = _ring_tiles(U_ptr, V_ptr, b, stride_Ub, stride_Ul, stride_Vb, stride_Vl,
-                                 slots, offs, rm[:, None] & dm[None, :])
-            Ut = Ut.to(ACC)
-            bU += tl.sum(bb[:, None] * Ut, axis=0)
-            cU += tl.sum(cc[:, None] * Ut, axis=0)
-            aV += tl.sum(a[:, None] * Vt.to(ACC), axis=0)
-            u_old += tl.sum(tl.where(slots[:, None] == slot, Ut, 0.0), axis=0)
+        if MANY_BLOCKS:
+            bU = tl.zeros([BLOCK_D], dtype=ACC)
+            cU = tl.zeros([BLOCK_D], dtype=ACC)
+            aV = tl.zeros([BLOCK_D], dtype=ACC)
+            u_old = tl.zeros([BLOCK_D], dtype=ACC)
+            for l0 in range(0, n_valid, L_BLOCK):
+                bU_l, cU_l, aV_l, u_l = _ring_sums(abc, L, l0 + rows, n_valid, slot, U_ptr, V_ptr,
+                                                   b, stride_Ub, stride_Ul, stride_Vb, stride_Vl,
+                                                   offs, dm, ACC)
+                bU += bU_l
+                cU += cU_l
+                aV += aV_l
+                u_old += u_l
+        else:
+            bU, cU, aV, u_old = _ring_sums(abc, L, rows, n_valid, slot, U_ptr, V_ptr, b,
+                                           stride_Ub, stride_Ul, stride_Vb, stride_Vl, offs, dm,
+                                           ACC)
         nhg = ga - bU
         num = (da + dga) - cU
         v = aV - da
@@ -377,7 +397,8 @@ def broyden_dots(x: torch.Tensor, fx: torch.Tensor, g_old: torch.Tensor, g: torc
             p.chunk_d, p.chunks, x.stride(0), fx.stride(0), g_old.stride(0), g.stride(0),
             dx.stride(0), U.stride(0), U.stride(1), V.stride(0), V.stride(1), abc.stride(0),
             scal.stride(0), part.stride(0),
-            L_BLOCK=p.ROWS_PAD, BLOCK_D=p.BLOCK_D, num_warps=p.num_warps)
+            L_BLOCK=p.ROWS_PAD, BLOCK_D=p.BLOCK_D, MANY_BLOCKS=L > p.ROWS_PAD,
+            num_warps=p.num_warps)
 
 
 def broyden_update(x: torch.Tensor, g: torch.Tensor, g_old: torch.Tensor, dx: torch.Tensor,
@@ -431,4 +452,5 @@ def broyden_update(x: torch.Tensor, g: torch.Tensor, g_old: torch.Tensor, dx: to
             x, g, g_old, dx, U, V, abc, scal, best, improved, active, slot, n_valid, D, L,
             p.chunk_d, x.stride(0), g.stride(0), g_old.stride(0), dx.stride(0), U.stride(0),
             U.stride(1), V.stride(0), V.stride(1), abc.stride(0), scal.stride(0), best.stride(0),
-            L_BLOCK=p.ROWS_PAD, BLOCK_D=p.BLOCK_D, num_warps=p.num_warps)
+            L_BLOCK=p.ROWS_PAD, BLOCK_D=p.BLOCK_D, MANY_BLOCKS=L > p.ROWS_PAD,
+            num_warps=p.num_warps)
