@@ -232,6 +232,43 @@ def test_long_history_takes_the_reference():
     assert max_err(got.z, want.z) == 0.0
 
 
+def _triton_broyden_solve(f, x0, **kw):
+    """A Triton Broyden solve and the launches of its two passes."""
+    from deq_fast.aot import record_launches
+    with record_launches() as launches:
+        got = deq_fast.solve(f, x0, method="broyden", backend="triton", **kw)
+    return got, [x for x in launches if x.kernel.startswith("_broyden")]
+
+
+def test_long_broyden_ring_runs_on_triton():
+    """Broyden L > 256 (not a whole number of ring blocks): both passes launch the Triton kernels
+    with the ring-block loops every iteration (no reference fallback) and equal the reference."""
+    f, x0 = _problem(B=1, D=19)
+    kw = dict(max_iter=4, tol=0.0, memory=300)
+    got, launches = _triton_broyden_solve(f, x0, **kw)
+    want = deq_fast.solve(f, x0, method="broyden", backend="reference", **kw)
+    assert len(launches) == 2 * 4 and all(x.options["MANY_BLOCKS"] for x in launches)
+    assert max_err(got.z, want.z) <= 1e-5
+    assert max_err(got.rel_trace, want.rel_trace) <= 1e-5
+
+
+@pytest.mark.slow       # about a minute under the interpreter: 260 iterations of 2-5 ring blocks
+def test_solve_past_256_iterations_equals_reference():
+    """``max_iter = 260`` (``memory`` defaults to it): the rings grow past 256 written slots, on
+    Triton, and the solve equals the reference (float64; B = 1, a 2-step chunk with a tail)."""
+    f, x0 = _problem(B=1, D=19, dtype=torch.float64)
+    kw = dict(max_iter=260, tol=0.0)
+    got, launches = _triton_broyden_solve(f, x0, **kw)
+    want = deq_fast.solve(f, x0, method="broyden", backend="reference", **kw)
+    written = [x.bound()["n_valid"] for x in launches if x.kernel == "_broyden_update_kernel"]
+    assert max(written) > 256
+    assert max_err(got.z, want.z) <= 1e-12
+    assert max_err(got.rel_trace, want.rel_trace) <= 1e-12
+    # the converging iterations (before the residual reaches rounding noise) to 1e-9 relative
+    head = want.rel_trace[:20]
+    assert float(((got.rel_trace[:20] - head).abs() / head.abs()).max()) <= 1e-9
+
+
 # ----------------------------------------------------------------------------------- Broyden
 def _broyden_state(gen, B, D, L, n_valid, dtype):
     """Rings with ``n_valid`` written rows; rows (and ``ab`` entries) beyond are zero."""
