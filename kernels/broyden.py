@@ -23,11 +23,14 @@ and writes per-chunk partial dots to a scratch ``[B, chunks, 3·L_CEIL + 4]`` (`
 rounded up to whole blocks); the last program of each sample to finish sums them, per slot, in
 chunk order (deterministic) and writes ``abc`` and ``scal``. Pass 2 sums over the ring into
 ``[BLOCK_D]`` vectors, so it loops over the ring blocks inside each column step and needs no
-reduction. Each step issues its loads before its stores.
+reduction. Each step issues its loads before its stores. A ring of one block (``L <= L_BLOCK``,
+the constexpr ``MANY_BLOCKS`` false) compiles without the block loops, as a single-tile kernel:
+pass 2 keeps the coefficients in registers (sm_90, ``L = 30``: 80 registers in both passes for
+float32; the block loops would take 99 and 119, one block of 8 warps fewer per SM).
 
 Bytes per iteration (DESIGN.md §4), ``s`` = state element size, ``n = n_valid``,
 ``k = max(1, cdiv(n, L_BLOCK))`` ring blocks:
-    pass 1: (2n + 5 + 3·(k - 1))·B·D·s       pass 2: (2n + 8)·B·D·s  (+ B·D·s for improved samples)
+    pass 1: (2n + 5 + 3·(k - 1))·B·D·s    pass 2: (2n + 8)·B·D·s (+ B·D·s for improved samples)
     together (4n + 13 + 3·(k - 1))·B·D·s: (4L + 13)·B·D·s for a full ring of ``L <= L_BLOCK``
     slots, 3 more state rows per further block (< 2.5 % of the ring's ``4·L_BLOCK`` rows); the
     scratch adds ``(3·L_CEIL + 4)·B·chunks`` accumulators written and read once. Round trips:
@@ -217,21 +220,11 @@ def _reduce_chunks(part, abc, scal, n_valid, L, L_CEIL, chunks, L_BLOCK: tl.cons
 
 
 @triton.jit
-def _ring_sums(abc, L, slots, n_valid, slot, U_ptr, V_ptr, b, stride_Ub, stride_Ul, stride_Vb,
-               stride_Vl, offs, dm, ACC: tl.constexpr):
-    """Pass 2's products with the ring slots ``slots`` (one block) at columns ``offs``:
-    ``(sum_l b_l U_l, sum_l c_l U_l, sum_l a_l V_l, U[slot])``, each ``[BLOCK_D]`` (``U[slot]``
-    is 0 unless ``slot`` is one of the slots below ``n_valid``)."""
+def _ring_coefficients(abc, L, slots, n_valid):
+    """``a, b, c`` of the ring slots ``slots`` (zero from ``n_valid``), ``abc``'s dtype."""
     rm = slots < n_valid
-    a = tl.load(abc + slots, mask=rm, other=0.0)
-    bb = tl.load(abc + L + slots, mask=rm, other=0.0)
-    cc = tl.load(abc + 2 * L + slots, mask=rm, other=0.0)
-    Ut, Vt = _ring_tiles(U_ptr, V_ptr, b, stride_Ub, stride_Ul, stride_Vb, stride_Vl, slots, offs,
-                         rm[:, None] & dm[None, :])
-    Ut = Ut.to(ACC)
-    return (tl.sum(bb[:, None] * Ut, axis=0), tl.sum(cc[:, None] * Ut, axis=0),
-            tl.sum(a[:, None] * Vt.to(ACC), axis=0),
-            tl.sum(tl.where(slots[:, None] == slot, Ut, 0.0), axis=0))
+    return (tl.load(abc + slots, mask=rm, other=0.0), tl.load(abc + L + slots, mask=rm, other=0.0),
+            tl.load(abc + 2 * L + slots, mask=rm, other=0.0))
 
 
 @triton.jit(do_not_specialize=["slot", "n_valid"])
@@ -269,17 +262,23 @@ def _broyden_update_kernel(x_ptr, g_ptr, g_old_ptr, dx_ptr, U_ptr, V_ptr, abc_pt
     rows = tl.arange(0, L_BLOCK)
     cols = tl.arange(0, BLOCK_D)
     abc = abc_ptr + b * stride_abc
-    ab = tl.zeros([L_BLOCK], dtype=ACC)
-    ac = tl.zeros([L_BLOCK], dtype=ACC)
-    for l0 in range(0, n_valid, L_BLOCK):
-        slots = l0 + rows
-        rm = slots < n_valid
-        a = tl.load(abc + slots, mask=rm, other=0.0)
-        ab += a * tl.load(abc + L + slots, mask=rm, other=0.0)
-        ac += a * tl.load(abc + 2 * L + slots, mask=rm, other=0.0)
-    vg = tl.sum(ab, axis=0) - tl.load(scal_ptr + b * stride_scal)
-    den = tl.sum(ac, axis=0) - tl.load(scal_ptr + b * stride_scal + 1)
-    b_s = tl.load(abc + L + slot, mask=slot < n_valid, other=0.0)      # 0 until the ring wraps
+    if MANY_BLOCKS:
+        ab = tl.zeros([L_BLOCK], dtype=ACC)
+        ac = tl.zeros([L_BLOCK], dtype=ACC)
+        for l0 in range(0, n_valid, L_BLOCK):
+            a, bb, cc = _ring_coefficients(abc, L, l0 + rows, n_valid)
+            ab += a * bb
+            ac += a * cc
+        vg = tl.sum(ab, axis=0) - tl.load(scal_ptr + b * stride_scal)
+        den = tl.sum(ac, axis=0) - tl.load(scal_ptr + b * stride_scal + 1)
+        b_s = tl.load(abc + L + slot, mask=slot < n_valid, other=0.0)   # 0 until the ring wraps
+    else:       # one block: its coefficients stay in registers (the same code as one tile)
+        rm = rows < n_valid
+        a, bb, cc = _ring_coefficients(abc, L, rows, n_valid)
+        vg = tl.sum(a * bb, axis=0) - tl.load(scal_ptr + b * stride_scal)
+        den = tl.sum(a * cc, axis=0) - tl.load(scal_ptr + b * stride_scal + 1)
+        is_slot = rows[:, None] == slot
+        b_s = tl.sum(tl.where(rows == slot, bb, 0.0), axis=0)
     imp = tl.load(improved_ptr + b) != 0
     act = tl.load(active_ptr + b) != 0
     for d0 in range(start, end, BLOCK_D):
@@ -290,30 +289,37 @@ def _broyden_update_kernel(x_ptr, g_ptr, g_old_ptr, dx_ptr, U_ptr, V_ptr, abc_pt
         dga = ga - tl.load(g_old_ptr + b * stride_go + offs, mask=dm, other=0.0).to(ACC)
         da = tl.load(dx_ptr + b * stride_dx + offs, mask=dm, other=0.0).to(ACC)
         if MANY_BLOCKS:
-            bU = tl.zeros([BLOCK_D], dtype=ACC)
-            cU = tl.zeros([BLOCK_D], dtype=ACC)
-            aV = tl.zeros([BLOCK_D], dtype=ACC)
-            u_old = tl.zeros([BLOCK_D], dtype=ACC)
+            bU = tl.zeros([BLOCK_D], dtype=ACC)             # sum_l b_l U_l
+            cU = tl.zeros([BLOCK_D], dtype=ACC)             # sum_l c_l U_l
+            aV = tl.zeros([BLOCK_D], dtype=ACC)             # sum_l a_l V_l
+            u_old = tl.zeros([BLOCK_D], dtype=ACC)          # U[slot] (0 unless slot < n_valid)
             for l0 in range(0, n_valid, L_BLOCK):
-                bU_l, cU_l, aV_l, u_l = _ring_sums(abc, L, l0 + rows, n_valid, slot, U_ptr, V_ptr,
-                                                   b, stride_Ub, stride_Ul, stride_Vb, stride_Vl,
-                                                   offs, dm, ACC)
-                bU += bU_l
-                cU += cU_l
-                aV += aV_l
-                u_old += u_l
+                slots = l0 + rows
+                a, bb, cc = _ring_coefficients(abc, L, slots, n_valid)
+                Ut, Vt = _ring_tiles(U_ptr, V_ptr, b, stride_Ub, stride_Ul, stride_Vb, stride_Vl,
+                                     slots, offs, (slots < n_valid)[:, None] & dm[None, :])
+                Ut = Ut.to(ACC)
+                bU += tl.sum(bb[:, None] * Ut, axis=0)
+                cU += tl.sum(cc[:, None] * Ut, axis=0)
+                aV += tl.sum(a[:, None] * Vt.to(ACC), axis=0)
+                u_old += tl.sum(tl.where(slots[:, None] == slot, Ut, 0.0), axis=0)
+            nhg = ga - bU
+            num = (da + dga) - cU
+            v = aV - da
         else:
-            bU, cU, aV, u_old = _ring_sums(abc, L, rows, n_valid, slot, U_ptr, V_ptr, b,
-                                           stride_Ub, stride_Ul, stride_Vb, stride_Vl, offs, dm,
-                                           ACC)
-        nhg = ga - bU
-        num = (da + dga) - cU
-        v = aV - da
+            Ut, Vt = _ring_tiles(U_ptr, V_ptr, b, stride_Ub, stride_Ul, stride_Vb, stride_Vl, rows,
+                                 offs, rm[:, None] & dm[None, :])
+            Ut = Ut.to(ACC)
+            nhg = ga - tl.sum(bb[:, None] * Ut, axis=0)
+            num = (da + dga) - tl.sum(cc[:, None] * Ut, axis=0)
+            v = tl.sum(a[:, None] * Vt.to(ACC), axis=0) - da
         if ACC == tl.float64:
             u = num / den
         else:                       # IEEE division as torch's (Triton's fp32 '/' is approximate)
             u = tl.div_rn(num, tl.zeros_like(num) + den)
         u = tl.where(tl.abs(u) < float("inf"), u, 0.0)              # NaN and +-inf -> 0
+        if not MANY_BLOCKS:         # after u: ptxas then needs 80 registers, not 98-104 (fp16)
+            u_old = tl.sum(tl.where(is_slot, Ut, 0.0), axis=0)
         upd = nhg - vg * u + b_s * u_old
         dxn = tl.where(act, upd, 0.0).to(DT)
         tl.debug_barrier()
