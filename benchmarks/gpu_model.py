@@ -37,8 +37,8 @@ cannot avoid:
   pass 2 reads ``x, g, g_old, dx`` and ``U, V`` again and writes ``U[s], V[s], dx, x``
   (``2L + 8``). The kernels move exactly this while the ring fits one ``L_BLOCK = 64``-slot
   tile; pass 1 takes longer rings one block after the other and reads ``g, g_old, dx`` again for
-  each further block (``+3`` per block, < 2.5 %), and both passes make one round trip per ring
-  block and column step.
+  each further block (``+3`` per ``4·64`` ring rows, 1.2 %), and both passes make one round
+  trip per ring block and column step.
 * Fixed point ``3``: read ``x`` and ``f(x)`` (residual norms), write ``x``. The kernels read
   ``f(x)`` twice (norms, then the advance): ``4``.
 The copy into ``best`` of samples that improved (``+2`` for those samples) is left out of both.

@@ -32,7 +32,7 @@ Bytes per iteration (DESIGN.md §4), ``s`` = state element size, ``n = n_valid``
 ``k = max(1, cdiv(n, L_BLOCK))`` ring blocks:
     pass 1: (2n + 5 + 3·(k - 1))·B·D·s    pass 2: (2n + 8)·B·D·s (+ B·D·s for improved samples)
     together (4n + 13 + 3·(k - 1))·B·D·s: (4L + 13)·B·D·s for a full ring of ``L <= L_BLOCK``
-    slots, 3 more state rows per further block (< 2.5 % of the ring's ``4·L_BLOCK`` rows); the
+    slots, 3 more state rows per further block (1.2 % of its ``4·L_BLOCK`` ring rows); the
     scratch adds ``(3·L_CEIL + 4)·B·chunks`` accumulators written and read once. Round trips:
     ``k`` per column step in both passes (one per ring block).
 """

@@ -83,12 +83,16 @@ def test_compiles_without_spills(compiled, case, arch):
         assert not isinstance(got, str), f"{launch.kernel}: {got}"
         assert got.arch == arch and got.num_warps == launch.num_warps
         assert got.spill_bytes == 0, f"{launch.kernel} spills {got.spill_bytes} B per thread"
+        # ptxas puts spills on the stack too (one 512-slot Broyden tile in float64: 216-272 B)
+        assert got.stack_bytes == 0, f"{launch.kernel} has {got.stack_bytes} B of stack"
         assert 0 < got.n_regs <= 255, (launch.kernel, got.n_regs)
 
 
 # Broyden's bf16 kernels on sm_90 at L = 30: the blocks that fit an SM keep 15.9 KB of loads in
-# flight, just short of the 16.1 KB needed
-SHORT_OF_LATENCY = {"broyden-bf16-train-sm90"}
+# flight, just short of the 16.1 KB needed; half states at L = 512: pass 2 with its ring-block
+# loop takes 128 registers (2 blocks of 8 warps per SM), 2 x 8.0 KB
+SHORT_OF_LATENCY = {"broyden-bf16-train-sm90", "broyden_long-fp16-train-sm90",
+                    "broyden_long-bf16-train-sm90"}
 ROOM_CASES = [pytest.param(case, arch, id=f"{case}-sm{arch}", marks=[pytest.mark.xfail(
     strict=True, reason="too few blocks of the current kernel fit an SM")]
     if f"{case}-sm{arch}" in SHORT_OF_LATENCY else []) for case in IDS for arch in ARCHS
