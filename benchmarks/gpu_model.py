@@ -218,15 +218,28 @@ def _track_status(a: dict) -> Traffic:
     return Traffic(t.read, t.written, a["B"], "BLOCK_B")
 
 
+def _ring_blocks(a: dict) -> int:
+    """Ring blocks of ``L_BLOCK`` slots a Broyden pass sweeps (kernels/broyden.py)."""
+    return max(1, -(-a["n_valid"] // a["L_BLOCK"]))
+
+
+def _broyden(t: op_bytes.Traffic, a: dict) -> Traffic:
+    """A Broyden pass: one dependent sweep of its columns per ring block (a round trip per block
+    and column step), so its loops cover ``blocks·B·D``."""
+    r = _rows(t, a)
+    return Traffic(r.read, r.written, r.extent * _ring_blocks(a), r.block)
+
+
 # kernel name -> its traffic from the launch's arguments (name -> value; tensors as TensorArg):
 # the formulas of deq_fast.ops.traffic (the kernels' docstrings; best copies left out)
 TRAFFIC: dict = {
     "_anderson_residual_kernel": lambda a: _rows(op_bytes.anderson_residual(*_state(a), a["m"]), a),
     "_anderson_mix_kernel": lambda a: _rows(op_bytes.anderson_mix(*_state(a), a["n"], a["beta"]),
                                             a),
-    "_broyden_dots_kernel": lambda a: _rows(op_bytes.broyden_dots(*_state(a), a["n_valid"]), a),
-    "_broyden_update_kernel": lambda a: _rows(op_bytes.broyden_update(*_state(a), a["n_valid"]),
-                                              a),
+    "_broyden_dots_kernel": lambda a: _broyden(
+        op_bytes.broyden_dots(*_state(a), a["n_valid"], _ring_blocks(a)), a),
+    "_broyden_update_kernel": lambda a: _broyden(
+        op_bytes.broyden_update(*_state(a), a["n_valid"]), a),
     "_residual_norms_kernel": lambda a: _rows(op_bytes.residual_norms(*_state(a)), a),
     "_fixed_point_advance_kernel": lambda a: _rows(op_bytes.fixed_point_advance(*_state(a),
                                                                                a["tau"]), a),
