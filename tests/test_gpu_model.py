@@ -58,6 +58,16 @@ def test_iteration_traffic_is_the_kernels_documented_total(method, rows, dtype):
     assert len(solver) == (1 if method == "fixed_point" else 2)
 
 
+
+def test_long_broyden_ring_traffic_and_sweeps():
+    # L = 130: three ring blocks of 64 slots; pass 1 reads g, g_old, dx again for blocks 2 and 3
+    # (4·130 + 13 + 3·2 = 539 state rows), and both passes sweep their columns once per block
+    B, D, s = 5, 96, 4
+    launches = iteration_launches(Case("broyden", B, D, torch.float32, memory=130))
+    passes = {x.kernel: traffic(x) for x in launches if x.kernel.startswith("_broyden")}
+    assert sum(t.read + t.written for t in passes.values()) == 539 * B * D * s
+    assert {t.extent for t in passes.values()} == {3 * B * D}
+
 def test_resident_blocks_by_hand():
     h100 = GPUS["h100"]
     # 255 registers: 255·32 = 8160 -> 8192 per warp (units of 256) -> 8 warps -> 2 blocks of 4

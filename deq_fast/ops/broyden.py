@@ -36,8 +36,10 @@ stopped samples), so the next secant pair ``(dx, dg)`` is exact. Bytes: read x, 
 ``n_valid`` rows of U and V (U once for both ``sum b_l U_l`` and ``sum c_l U_l``); write u, v,
 dx, x -> (2·n_valid + 8)·B·D·size (+ B·D·size for the best copy of improved samples).
 
-Together (4·n_valid + 13)·B·D·size per iteration, (4L + 13)·B·D·size once the ring is full;
-TorchDEQ computes three ``-I + U V^T`` products (six passes over its factors) per iteration.
+Together (4·n_valid + 13)·B·D·size per iteration, (4L + 13)·B·D·size once the ring is full
+(the Triton kernels take the ring in blocks of up to 64 slots, any ``L``, and their pass 1 reads
+``g, g_old, dx`` once more for each block after the first: ``kernels/broyden.py``); TorchDEQ
+computes three ``-I + U V^T`` products (six passes over its factors) per iteration.
 Half states (float16/bfloat16) accumulate every product in float32 (``abc``/``scal`` dtype).
 """
 from __future__ import annotations

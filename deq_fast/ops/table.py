@@ -85,17 +85,6 @@ def _anderson_mix_fits(F, *args) -> bool:
     return F.shape[1] <= kernels.anderson.MAX_M
 
 
-def _broyden_dots_fits(x, fx, g_old, g, dx, U, *args) -> bool:
-    """Broyden's Triton launchers keep ``[L_PAD, BLOCK_D]`` tiles in registers: ``L <= 256``."""
-    from deq_fast import kernels
-    return U.shape[1] <= kernels.broyden.MAX_L
-
-
-def _broyden_update_fits(x, g, g_old, dx, U, *args) -> bool:
-    from deq_fast import kernels
-    return U.shape[1] <= kernels.broyden.MAX_L
-
-
 @dataclasses.dataclass(frozen=True)
 class OpSpec:
     """One op of the ``deq_fast`` namespace.
@@ -146,14 +135,12 @@ OPS: tuple[OpSpec, ...] = (
     OpSpec("broyden_dots",
            "(Tensor x, Tensor fx, Tensor g_old, Tensor(a!) g, Tensor dx, Tensor U, Tensor V, "
            "Tensor(b!) abc, Tensor(c!) scal, int n_valid) -> ()",
-           broyden_dots_reference, triton="broyden_dots", triton_fits=_broyden_dots_fits,
-           cpp=("CPU",)),
+           broyden_dots_reference, triton="broyden_dots", cpp=("CPU",)),  # any ring length
     OpSpec("broyden_update",
            "(Tensor(a!) x, Tensor g, Tensor g_old, Tensor(b!) dx, Tensor(c!) U, Tensor(d!) V, "
            "Tensor abc, Tensor scal, Tensor(e!) best, Tensor improved, Tensor active, int slot, "
            "int n_valid) -> ()",
-           broyden_update_reference, triton="broyden_update", triton_fits=_broyden_update_fits,
-           cpp=("CPU",)),
+           broyden_update_reference, triton="broyden_update", cpp=("CPU",)),
     OpSpec("fixed_point_step",
            "(Tensor(a!) x, Tensor fx, Tensor(b!) best, Tensor(c!) sq, Tensor improved, "
            "Tensor active, float tau=1.0) -> ()",

@@ -71,9 +71,11 @@ def anderson_mix(B: int, D: int, size: int, n: int, beta: float) -> Traffic:
     return _rows(n * (1 if beta == 1.0 else 2), 1, B, D, size)
 
 
-def broyden_dots(B: int, D: int, size: int, n_valid: int) -> Traffic:
-    """Pass 1 of Broyden: read x, fx, g_old, dx and ``n_valid`` rows of U and V; write g."""
-    return _rows(2 * n_valid + 4, 1, B, D, size)
+def broyden_dots(B: int, D: int, size: int, n_valid: int, ring_blocks: int = 1) -> Traffic:
+    """Pass 1 of Broyden: read x, fx, g_old, dx and ``n_valid`` rows of U and V; write g. A
+    kernel that takes the ring in ``ring_blocks`` sweeps (the Triton one: ``cdiv(n_valid,
+    L_BLOCK)``, ``kernels/broyden.py``) reads g, g_old, dx again in each sweep after the first."""
+    return _rows(2 * n_valid + 4 + 3 * (max(ring_blocks, 1) - 1), 1, B, D, size)
 
 
 def broyden_update(B: int, D: int, size: int, n_valid: int) -> Traffic:
