@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from deq_fast.nn.deq import get_deq as _native_get_deq
+from deq_fast.nn.norm import mark_stale_norms
 from deq_fast.solvers.packing import Packer
 
 from .dropout import reset_dropout
@@ -148,6 +149,7 @@ class _EngineDEQ(DEQBase):
     def _train(self, func: Callable, z_init: Any, skw: dict, backward_writer: Callable | None):
         """TorchDEQ's training forward: the solver states its core samples, each followed by its
         gradient functor (phantom steps; IFT on the last with ``ift``), on deq_fast's solvers."""
+        mark_stale_norms()
         z_is_list = isinstance(z_init, (list, tuple))
         # TorchDEQ's IFT needs one tensor: a list state is packed even when ``no_stat``
         deq_func, z = deq_decorator(func, z_init, no_stat=self.no_stat and not z_is_list)
