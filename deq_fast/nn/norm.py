@@ -39,7 +39,6 @@ as in TorchDEQ.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
 import weakref
@@ -78,17 +77,20 @@ class _Retaining(threading.local):
 _RETAINING = _Retaining()
 
 
-@contextlib.contextmanager
-def graph_retained():
+class graph_retained:
     """Inside this block, a backward pass that reaches a normalised weight does not mark it for
     recomputation: for ``torch.autograd.grad(..., retain_graph=True)`` calls, whose graph (and so
     the weight's) stays usable -- e.g. gradient checkpointing's backward (``mem_gc``), which
-    otherwise recomputed every normalised weight once per checkpointed call."""
-    previous, _RETAINING.active = _RETAINING.active, True
-    try:
-        yield
-    finally:
-        _RETAINING.active = previous
+    otherwise recomputed every normalised weight once per checkpointed call. (A class, not a
+    generator: it is entered once per checkpointed call.)"""
+
+    __slots__ = ("_previous",)
+
+    def __enter__(self) -> None:
+        self._previous, _RETAINING.active = _RETAINING.active, True
+
+    def __exit__(self, *_exc) -> None:
+        _RETAINING.active = self._previous
 
 
 class _Norm:
@@ -190,6 +192,17 @@ def mark_stale_norms(need_graph: bool | None = None) -> None:
         fn = module.__dict__.get("_deq_norm")
         if fn is not None and fn._stale_hook is None and fn.outdated(module, need_graph):
             fn.invalidate(module)
+
+
+def current_weights(module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """``(weights, sources)`` of a layer normalised here: its normalised weights, recomputed first
+    if stale, and the parameters they are computed from; None for any other module."""
+    fn = module.__dict__.get("_deq_norm")
+    if not isinstance(fn, _Norm):
+        return None
+    if fn._stale_hook is not None:
+        fn(module)
+    return [module.__dict__[n] for n in fn.names], fn._params(module)
 
 
 def _after_optimizer_step(_optimizer, _args, _kwargs) -> None:

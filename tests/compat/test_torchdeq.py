@@ -165,3 +165,56 @@ def test_mem_gc_reuses_the_normalised_weight_within_a_step(monkeypatch):
     torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-12, atol=0)
     for (name, p), (_, q) in zip(layer.named_parameters(), ref_layer.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0, msg=name)
+
+
+def test_mem_gc_runs_the_normalisation_backward_once_per_step():
+    # the checkpointed VJPs stop at the normalised weight: its backward (to weight_g, weight_v)
+    # runs once for the three checkpointed calls, with the gradients of the plain chain above
+    from deq_fast.torchdeq.norm import apply_norm, reset_norm
+    from deq_fast.torchdeq.utils.mem import mem_gc
+
+    runs = []
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 8).double()
+    apply_norm(layer, "weight_norm")
+    reset_norm(layer)
+    layer.weight.grad_fn.register_prehook(lambda grads: runs.append(1))
+    z = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    for _ in range(3):
+        z = torch.tanh(mem_gc(layer, (z,)))
+    z.square().sum().backward()
+    assert len(runs) == 1
+    ref_layer, _ = _normed_chain(checkpointed=False)
+    for (name, p), (_, q) in zip(layer.named_parameters(), ref_layer.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0, msg=name)
+
+
+class _SharedScale(torch.nn.Module):
+    """Uses a normalised layer's ``weight_g`` directly too (a shared source parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 6).double()
+
+    def forward(self, z):
+        return torch.tanh(self.lin(z)) * self.g.sum()
+
+
+def test_mem_gc_gradients_with_a_shared_normalisation_parameter():
+    from deq_fast.torchdeq.norm import apply_norm, reset_norm
+    from deq_fast.torchdeq.utils.mem import mem_gc
+
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(1)
+        m = _SharedScale()
+        apply_norm(m, "weight_norm")
+        m.g = m.lin.weight_g                   # registered a second time, on the parent
+        reset_norm(m)
+        z = torch.randn(3, 6, dtype=torch.float64)
+        for _ in range(2):
+            z = mem_gc(m, (z,)) if checkpointed else m(z)
+        z.sum().backward()
+        grads.append({n: p.grad for n, p in m.lin.named_parameters()})
+    for name, ref in grads[0].items():
+        torch.testing.assert_close(grads[1][name], ref, rtol=1e-12, atol=1e-14, msg=name)

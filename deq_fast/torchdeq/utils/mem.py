@@ -1,7 +1,9 @@
 """``torchdeq.utils.mem``: ``mem_gc``, gradient checkpointing of one module call.
 
 The forward keeps no activations; the backward re-runs the module under ``enable_grad`` and takes
-one VJP for the tensor inputs that need gradients and the module's trainable parameters.
+one VJP for the tensor inputs that need gradients and the module's trainable tensors (as TorchDEQ,
+but a layer normalised by deq_fast contributes its normalised weight rather than ``weight_g`` and
+``weight_v``: the normalisation's backward then runs once per step, not once per checkpointed call).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from deq_fast.nn.norm import graph_retained
+from deq_fast.nn.norm import current_weights, graph_retained
 
 __all__ = ["mem_gc"]
 
@@ -43,6 +45,30 @@ def reset_grad(grad: Sequence[Any], in_args: Sequence[Any], grad_idx: Sequence[i
     return tuple(out) + tuple(grad[len(grad_idx):])
 
 
+def _trainable_inputs(module: nn.Module) -> list[torch.Tensor]:
+    """The trainable tensors ``module`` computes with: its parameters, except that a layer
+    normalised by deq_fast contributes its normalised weights instead of the parameters they are
+    computed from. The checkpointed VJP then stops at the weight, and autograd runs the
+    normalisation's backward once for all the checkpointed calls of a step instead of once per
+    call (same gradients). A source parameter also used by another module keeps its layer on
+    the parameters."""
+    normed, owners = [], {}
+    for sub in module.modules():
+        for p in sub._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        weights_sources = current_weights(sub)
+        if weights_sources is not None:
+            normed.append(weights_sources)
+    skip, weights = set(), []
+    for ws, sources in normed:
+        if all(owners[id(p)] == 1 for p in sources):
+            skip.update(id(p) for p in sources)
+            weights += [w for w in ws if w.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad and id(p) not in skip]
+    return weights + params
+
+
 class DEQGradCkpt(torch.autograd.Function):
     """``apply(func, n_args, *args, *params)``: ``func(*args)`` without stored activations."""
 
@@ -57,7 +83,7 @@ class DEQGradCkpt(torch.autograd.Function):
                     params += [v for v in sub.__dict__.values()
                                if torch.is_tensor(v) and v.requires_grad]
             else:
-                params += [p for p in module.parameters() if p.requires_grad]
+                params += _trainable_inputs(module)
         return params
 
     @staticmethod
