@@ -97,7 +97,10 @@ class _Norm:
     """Common part: names/dims per module, caching and staleness of the computed weights.
 
     ``_stale_hook`` is the id of the one-shot forward pre-hook of a stale module (None while its
-    weights are current); ``_versions`` the parameters' ``_version`` when they were computed."""
+    weights are current); ``_versions`` the parameters' ``_version`` when they were computed;
+    ``_pinned`` counts the open :class:`pinned_weights` blocks of the module (no recomputation)."""
+
+    _pinned = 0
 
     def __init__(self, names, dims, learn_scale, target_norm, clip, clip_value):
         self.names, self.dims = names, dims
@@ -166,8 +169,11 @@ def _on_weight_grad(module_ref: weakref.ref, grad: torch.Tensor) -> None:
 
 
 def _refresh_hook(module: nn.Module, _inputs) -> None:
-    """The one-shot pre-hook of a stale module: recompute (which removes this hook)."""
-    module._deq_norm(module)
+    """The one-shot pre-hook of a stale module: recompute (which removes this hook), unless its
+    weights are pinned."""
+    fn = module._deq_norm
+    if not fn._pinned:
+        fn(module)
 
 
 # Every live normalised module, for the checks that are not per call (mark_stale_norms).
@@ -194,15 +200,40 @@ def mark_stale_norms(need_graph: bool | None = None) -> None:
             fn.invalidate(module)
 
 
-def current_weights(module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-    """``(weights, sources)`` of a layer normalised here: its normalised weights, recomputed first
-    if stale, and the parameters they are computed from; None for any other module."""
+def current_weights(module: nn.Module) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]] | None:
+    """``(weights, sources)`` of a layer normalised here: its normalised weights by name,
+    recomputed first if stale, and the parameters they are computed from; None for any other
+    module."""
     fn = module.__dict__.get("_deq_norm")
     if not isinstance(fn, _Norm):
         return None
     if fn._stale_hook is not None:
         fn(module)
-    return [module.__dict__[n] for n in fn.names], fn._params(module)
+    return {n: module.__dict__[n] for n in fn.names}, fn._params(module)
+
+
+class pinned_weights:
+    """Inside this block each layer of ``pins`` (``[(module, {name: weight})]``) computes with the
+    given normalised weights, not recomputed even if stale; the current ones are restored after.
+    For a recomputation that must use the weights of the original computation (``mem_gc``'s
+    backward, which differentiates with respect to them)."""
+
+    __slots__ = ("pins", "_saved")
+
+    def __init__(self, pins: Sequence[tuple[nn.Module, dict]]):
+        self.pins = pins
+
+    def __enter__(self) -> None:
+        self._saved = [(module, {n: module.__dict__[n] for n in weights})
+                       for module, weights in self.pins]
+        for module, weights in self.pins:
+            module.__dict__.update(weights)
+            module._deq_norm._pinned += 1
+
+    def __exit__(self, *_exc) -> None:
+        for module, weights in self._saved:
+            module._deq_norm._pinned -= 1
+            module.__dict__.update(weights)
 
 
 def _after_optimizer_step(_optimizer, _args, _kwargs) -> None:

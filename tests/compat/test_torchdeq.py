@@ -218,3 +218,25 @@ def test_mem_gc_gradients_with_a_shared_normalisation_parameter():
         grads.append({n: p.grad for n, p in m.lin.named_parameters()})
     for name, ref in grads[0].items():
         torch.testing.assert_close(grads[1][name], ref, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_mem_gc_backward_differentiates_the_weights_its_forward_used():
+    # reset_norm between the checkpointed forward and the backward: the recomputation uses the
+    # pinned weight of the forward (whose gradient the checkpoint returns), not the new one
+    from deq_fast.torchdeq.norm import apply_norm, reset_norm
+    from deq_fast.torchdeq.utils.mem import mem_gc
+
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(2)
+        layer = torch.nn.Linear(5, 5).double()
+        apply_norm(layer, "weight_norm")
+        reset_norm(layer)
+        x = torch.randn(3, 5, dtype=torch.float64)
+        y = mem_gc(layer, (x,)) if checkpointed else layer(x)
+        reset_norm(layer)
+        y.square().sum().backward()
+        grads.append({n: p.grad for n, p in layer.named_parameters()})
+    for name, ref in grads[0].items():
+        assert grads[1][name] is not None, name
+        torch.testing.assert_close(grads[1][name], ref, rtol=1e-12, atol=1e-14, msg=name)

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from deq_fast.nn.norm import current_weights, graph_retained
+from deq_fast.nn.norm import current_weights, graph_retained, pinned_weights
 
 __all__ = ["mem_gc"]
 
@@ -45,13 +45,17 @@ def reset_grad(grad: Sequence[Any], in_args: Sequence[Any], grad_idx: Sequence[i
     return tuple(out) + tuple(grad[len(grad_idx):])
 
 
-def _trainable_inputs(module: nn.Module) -> list[torch.Tensor]:
-    """The trainable tensors ``module`` computes with: its parameters, except that a layer
-    normalised by deq_fast contributes its normalised weights instead of the parameters they are
-    computed from. The checkpointed VJP then stops at the weight, and autograd runs the
-    normalisation's backward once for all the checkpointed calls of a step instead of once per
-    call (same gradients). A source parameter also used by another module keeps its layer on
-    the parameters."""
+def _checkpoint_inputs(module: nn.Module) -> tuple[list[torch.Tensor], list]:
+    """The trainable tensors ``module`` computes with, and the normalised weights to pin.
+
+    As TorchDEQ's ``fetch_params``, except that a layer normalised by deq_fast contributes its
+    normalised weights instead of the parameters they are computed from: the checkpointed VJP
+    stops at the weight, and autograd runs the normalisation's backward once for all the
+    checkpointed calls of a step instead of once per call (same gradients). Those weights are
+    pinned (:class:`~deq_fast.nn.norm.pinned_weights`) for the backward's recomputation, so it
+    differentiates the weights the forward used even if they were recomputed in between. A source
+    parameter also used by another module keeps its layer on the parameters.
+    """
     normed, owners = [], {}
     for sub in module.modules():
         for p in sub._parameters.values():
@@ -59,14 +63,28 @@ def _trainable_inputs(module: nn.Module) -> list[torch.Tensor]:
                 owners[id(p)] = owners.get(id(p), 0) + 1
         weights_sources = current_weights(sub)
         if weights_sources is not None:
-            normed.append(weights_sources)
-    skip, weights = set(), []
-    for ws, sources in normed:
+            normed.append((sub, *weights_sources))
+    skip, weights, pins = set(), [], []
+    for sub, named, sources in normed:
         if all(owners[id(p)] == 1 for p in sources):
             skip.update(id(p) for p in sources)
-            weights += [w for w in ws if w.requires_grad]
+            weights += [w for w in named.values() if w.requires_grad]
+            pins.append((sub, named))
     params = [p for p in module.parameters() if p.requires_grad and id(p) not in skip]
-    return weights + params
+    return weights + params, pins
+
+
+class _PinnedCall:
+    """``func(*args)`` with the normalised weights of ``pins`` (see :func:`_checkpoint_inputs`)."""
+
+    __slots__ = ("func", "pins")
+
+    def __init__(self, func: nn.Module, pins: list):
+        self.func, self.pins = func, pins
+
+    def __call__(self, *args: Any) -> Any:
+        with pinned_weights(self.pins):
+            return self.func(*args)
 
 
 class DEQGradCkpt(torch.autograd.Function):
@@ -74,7 +92,8 @@ class DEQGradCkpt(torch.autograd.Function):
 
     @staticmethod
     def fetch_params(modules: Any) -> list[torch.Tensor]:
-        """Trainable tensors of a module or list of modules (replicas: their tensor attributes)."""
+        """Trainable tensors of a module or list of modules (replicas: their tensor attributes), as
+        TorchDEQ's (``mem_gc`` itself passes a normalised layer's weights instead)."""
         modules = modules if isinstance(modules, (list, tuple)) else [modules]
         params: list[torch.Tensor] = []
         for module in modules:
@@ -83,7 +102,7 @@ class DEQGradCkpt(torch.autograd.Function):
                     params += [v for v in sub.__dict__.values()
                                if torch.is_tensor(v) and v.requires_grad]
             else:
-                params += _trainable_inputs(module)
+                params += [p for p in module.parameters() if p.requires_grad]
         return params
 
     @staticmethod
@@ -130,4 +149,9 @@ def mem_gc(func: nn.Module, in_args: Sequence[Any] | None = None) -> Any:
         torch.Size([4, 8])
     """
     in_args = tuple(in_args) if in_args else ()
-    return DEQGradCkpt.apply(func, len(in_args), *in_args, *DEQGradCkpt.fetch_params(func))
+    if isinstance(func, nn.Module) and not getattr(func, "_is_replica", False):
+        tensors, pins = _checkpoint_inputs(func)
+        func = _PinnedCall(func, pins) if pins else func
+    else:
+        tensors = DEQGradCkpt.fetch_params(func)
+    return DEQGradCkpt.apply(func, len(in_args), *in_args, *tensors)
