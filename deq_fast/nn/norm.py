@@ -186,10 +186,12 @@ def mark_stale_norms(need_graph: bool | None = None) -> None:
     gradients need; each recomputes its weights before its next call.
 
     Called once per DEQ forward and after every ``torch.optim`` optimizer step, never per layer
-    call. Example:
+    call.
+
+    Example:
         >>> layer = torch.nn.Linear(3, 3); apply_norm(layer, "weight_norm")
         >>> with torch.no_grad():
-        ...     layer.weight_g.mul_(2.0)           # a hand-written update, no reset_norm
+        ...     _ = layer.weight_g.mul_(2.0)       # a hand-written update, no reset_norm
         >>> mark_stale_norms(); len(layer._forward_pre_hooks)
         1
     """
