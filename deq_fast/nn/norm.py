@@ -195,6 +195,8 @@ def mark_stale_norms(need_graph: bool | None = None) -> None:
         >>> mark_stale_norms(); len(layer._forward_pre_hooks)
         1
     """
+    if torch.compiler.is_compiling():   # a traced forward: the eager calls around it check
+        return
     need_graph = torch.is_grad_enabled() if need_graph is None else need_graph
     for module in list(_LIVE):
         fn = module.__dict__.get("_deq_norm")
