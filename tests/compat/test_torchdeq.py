@@ -240,3 +240,34 @@ def test_mem_gc_backward_differentiates_the_weights_its_forward_used():
     for name, ref in grads[0].items():
         assert grads[1][name] is not None, name
         torch.testing.assert_close(grads[1][name], ref, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_list_state_reaches_func_unpacked_without_ift():
+    # no_stat without ift (deq-flow's simple_fixed_point_iter): the (h, c) state stays a list as
+    # in TorchDEQ (no packing into one vector and views out of it per call); same outputs and
+    # gradients as torchdeq
+    import torchdeq
+
+    import deq_fast.torchdeq as fast
+
+    results = []
+    for lib in (torchdeq, fast):
+        torch.manual_seed(3)
+        W = (0.3 * torch.randn(4, 4, dtype=torch.float64)).requires_grad_()
+        views = []
+
+        def f(h, c):
+            views.append(h._base is not None or c._base is not None)
+            return torch.tanh(h @ W + c), 0.5 * c + 0.1 * h.mean(dim=1, keepdim=True)
+
+        deq = lib.get_deq(f_solver="simple_fixed_point_iter", f_max_iter=6, n_states=2, grad=1)
+        deq.train()
+        z0 = (torch.zeros(2, 4, dtype=torch.float64), torch.ones(2, 4, dtype=torch.float64))
+        z_out, _ = deq(f, z0)
+        sum(h.square().sum() + c.sum() for h, c in z_out).backward()
+        results.append(([t.detach() for z in z_out for t in z], W.grad, views))
+    (out_tq, grad_tq, _), (out_fast, grad_fast, views_fast) = results
+    assert not any(views_fast)
+    for a, b in zip(out_fast, out_tq):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad_fast, grad_tq, rtol=1e-12, atol=1e-14)
