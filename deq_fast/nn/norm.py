@@ -101,6 +101,7 @@ class _Norm:
     ``_pinned`` counts the open :class:`pinned_weights` blocks of the module (no recomputation)."""
 
     _pinned = 0
+    source_suffix: str   # the normalised parameter's suffix: ``_v`` or ``_orig``
 
     def __init__(self, names, dims, learn_scale, target_norm, clip, clip_value):
         self.names, self.dims = names, dims
@@ -117,7 +118,10 @@ class _Norm:
         return factor
 
     def _params(self, module) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """The parameters the weights are computed from (``<name><source_suffix>``, ``<name>_g``)."""
+        suffixes = (self.source_suffix, "_g") if self.learn_scale else (self.source_suffix,)
+        params = module._parameters
+        return [params[name + suffix] for name in self.names for suffix in suffixes]
 
     def __call__(self, module: nn.Module, power: bool | None = None) -> None:
         """Recompute the normalised weights of ``module`` (once per step), with their graph when a
@@ -249,14 +253,7 @@ register_optimizer_step_post_hook(_after_optimizer_step)
 
 class _WeightNorm(_Norm):
     suffixes = ("_g", "_v")
-
-    def _params(self, module):
-        out = []
-        for name in self.names:
-            out.append(getattr(module, name + "_v"))
-            if self.learn_scale:
-                out.append(getattr(module, name + "_g"))
-        return out
+    source_suffix = "_v"
 
     def compute_weight(self, module, name, dim, training=True):
         v = getattr(module, name + "_v")
@@ -284,6 +281,7 @@ class _WeightNorm(_Norm):
 
 class _SpectralNorm(_Norm):
     suffixes = ("_g", "_orig", "_u", "_v")
+    source_suffix = "_orig"
 
     def __init__(self, names, dims, learn_scale, target_norm, clip, clip_value,
                  n_power_iterations=1, eps=1e-12, init_power_steps=15, v_first=False,
@@ -299,14 +297,6 @@ class _SpectralNorm(_Norm):
         # ``module.weight`` after apply_norm, as MDEQ's, then writes into the parameter)
         self.init_power_steps, self.v_first = init_power_steps, v_first
         self.raw_until_reset = raw_until_reset
-
-    def _params(self, module):
-        out = []
-        for name in self.names:
-            out.append(getattr(module, name + "_orig"))
-            if self.learn_scale:
-                out.append(getattr(module, name + "_g"))
-        return out
 
     @staticmethod
     def _matrix(weight, dim):

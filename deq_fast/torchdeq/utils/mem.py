@@ -56,22 +56,31 @@ def _checkpoint_inputs(module: nn.Module) -> tuple[list[torch.Tensor], list]:
     differentiates the weights the forward used even if they were recomputed in between. A source
     parameter also used by another module keeps its layer on the parameters.
     """
-    normed, owners = [], {}
-    for sub in module.modules():
+    params, seen, shared, normed = [], set(), set(), []
+    stack, visited = [module], {id(module)}
+    while stack:                       # one walk (Module.modules() builds qualified names)
+        sub = stack.pop()
         for p in sub._parameters.values():
             if p is not None:
-                owners[id(p)] = owners.get(id(p), 0) + 1
+                if id(p) in seen:
+                    shared.add(id(p))
+                else:
+                    seen.add(id(p))
+                    params.append(p)
         weights_sources = current_weights(sub)
         if weights_sources is not None:
             normed.append((sub, *weights_sources))
+        for child in reversed(sub._modules.values()):
+            if child is not None and id(child) not in visited:
+                visited.add(id(child))
+                stack.append(child)
     skip, weights, pins = set(), [], []
     for sub, named, sources in normed:
-        if all(owners[id(p)] == 1 for p in sources):
+        if not any(id(p) in shared for p in sources):
             skip.update(id(p) for p in sources)
             weights += [w for w in named.values() if w.requires_grad]
             pins.append((sub, named))
-    params = [p for p in module.parameters() if p.requires_grad and id(p) not in skip]
-    return weights + params, pins
+    return weights + [p for p in params if p.requires_grad and id(p) not in skip], pins
 
 
 class _PinnedCall:
@@ -83,7 +92,9 @@ class _PinnedCall:
         self.func, self.pins = func, pins
 
     def __call__(self, *args: Any) -> Any:
-        with pinned_weights(self.pins):
+        if not torch.is_grad_enabled():   # DEQGradCkpt's forward: the weights were just fetched
+            return self.func(*args)
+        with pinned_weights(self.pins):   # its backward's recomputation
             return self.func(*args)
 
 
@@ -149,6 +160,8 @@ def mem_gc(func: nn.Module, in_args: Sequence[Any] | None = None) -> Any:
         torch.Size([4, 8])
     """
     in_args = tuple(in_args) if in_args else ()
+    if not torch.is_grad_enabled():   # no graph to checkpoint (a solver's iterations): the call
+        return func(*in_args)         # TorchDEQ's autograd.Function makes, without its overhead
     if isinstance(func, nn.Module) and not getattr(func, "_is_replica", False):
         tensors, pins = _checkpoint_inputs(func)
         func = _PinnedCall(func, pins) if pins else func
