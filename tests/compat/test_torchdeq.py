@@ -271,3 +271,22 @@ def test_list_state_reaches_func_unpacked_without_ift():
     for a, b in zip(out_fast, out_tq):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(grad_fast, grad_tq, rtol=1e-12, atol=1e-14)
+
+
+def test_mem_gc_without_grad_mode_is_a_plain_call(monkeypatch):
+    # a solver's iterations run under no_grad: nothing to checkpoint, so no autograd.Function
+    from deq_fast.torchdeq.norm import apply_norm
+    from deq_fast.torchdeq.utils import mem
+
+    torch.manual_seed(4)
+    layer = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh()).double()
+    apply_norm(layer, "weight_norm")
+    x = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    applied = []
+    monkeypatch.setattr(mem.DEQGradCkpt, "apply", lambda *a: applied.append(1) or layer(*a[2:3]))
+    with torch.no_grad():
+        y = mem.mem_gc(layer, (x,))
+        assert not applied and not y.requires_grad
+        torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
+    mem.mem_gc(layer, (x,))
+    assert applied == [1]
