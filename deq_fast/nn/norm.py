@@ -98,9 +98,11 @@ class _Norm:
 
     ``_stale_hook`` is the id of the one-shot forward pre-hook of a stale module (None while its
     weights are current); ``_versions`` the parameters' ``_version`` when they were computed;
-    ``_pinned`` counts the open :class:`pinned_weights` blocks of the module (no recomputation)."""
+    ``_pinned`` counts the open :class:`pinned_weights` blocks of the module (no recomputation);
+    ``_call_hook`` is the id of the one-shot forward hook of a call that began by recomputing."""
 
     _pinned = 0
+    _call_hook: int | None = None
     source_suffix: str   # the normalised parameter's suffix: ``_v`` or ``_orig``
 
     def __init__(self, names, dims, learn_scale, target_norm, clip, clip_value):
@@ -137,6 +139,15 @@ class _Norm:
             setattr(module, name, weight)
         self._versions = self._param_versions(module)
         self._clear_stale(module)
+
+    def reset(self, module: nn.Module) -> None:
+        """``reset_norm``'s recomputation. Inside a call of ``module`` that began by recomputing
+        its stale weights (a layer that resets itself in its forward, as IGNN's), with nothing
+        changed since, they are not computed a second time: one computation and one spectral
+        power step per step, as TorchDEQ's reset_norm."""
+        if self._call_hook is None or self._stale_hook is not None or \
+                self._param_versions(module) != self._versions:
+            self(module)
 
     def _param_versions(self, module) -> tuple:
         return tuple(p._version for p in self._params(module))
@@ -176,8 +187,22 @@ def _refresh_hook(module: nn.Module, _inputs) -> None:
     """The one-shot pre-hook of a stale module: recompute (which removes this hook), unless its
     weights are pinned."""
     fn = module._deq_norm
-    if not fn._pinned:
-        fn(module)
+    if fn._pinned:
+        return
+    fn(module)
+    if fn._call_hook is None:
+        fn._call_hook = module.register_forward_hook(_end_of_refreshed_call, always_call=True).id
+
+
+def _end_of_refreshed_call(module: nn.Module, _inputs, _output) -> None:
+    _drop_call_hook(module, module._deq_norm)
+
+
+def _drop_call_hook(module: nn.Module, fn: _Norm) -> None:
+    if fn._call_hook is not None:
+        module._forward_hooks.pop(fn._call_hook, None)
+        module._forward_hooks_always_called.pop(fn._call_hook, None)
+        fn._call_hook = None
 
 
 # Every live normalised module, for the checks that are not per call (mark_stale_norms).
@@ -422,6 +447,7 @@ def detach_norm(module: nn.Module) -> None:
     """Fold ``module``'s normalisation into plain parameters and restore its class."""
     fn = module._deq_norm
     fn._clear_stale(module)
+    _drop_call_hook(module, fn)
     fn.remove(module)
     if type(module) is _NORMED.get(type(module).__bases__[0]):
         module.__class__ = type(module).__bases__[0]
@@ -518,7 +544,7 @@ def reset_norm(model: nn.Module) -> None:
     for module in model.modules():
         fn = getattr(module, "_deq_norm", None)
         if fn is not None:
-            fn(module)
+            fn.reset(module)
 
 
 def remove_norm(model: nn.Module) -> None:

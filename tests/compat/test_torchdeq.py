@@ -290,3 +290,49 @@ def test_mem_gc_without_grad_mode_is_a_plain_call(monkeypatch):
         torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
     mem.mem_gc(layer, (x,))
     assert applied == [1]
+
+
+class _SelfResetting(torch.nn.Module):
+    """Resets its own normalisation in its forward, as IGNN's implicit graph layer."""
+
+    def __init__(self, reset_norm):
+        super().__init__()
+        self.W = torch.nn.Parameter(0.3 * torch.randn(5, 5))
+        self._reset_norm = reset_norm
+
+    def forward(self, x):
+        self._reset_norm(self)
+        return torch.tanh(x @ self.W.T)
+
+
+def test_self_resetting_spectral_layer_trains_as_torchdeq(monkeypatch):
+    # each step: backward (the weight goes stale), optimizer step, forward: the stale layer's
+    # recomputation and its own reset_norm make one computation and one power step, as TorchDEQ's
+    import torchdeq.norm as tq_norm
+
+    import deq_fast.torchdeq.norm as fast_norm
+    from deq_fast.nn import norm
+
+    computed = []
+    compute = norm._SpectralNorm.compute_weight
+    monkeypatch.setattr(norm._SpectralNorm, "compute_weight",
+                        lambda *a, **k: computed.append(1) or compute(*a, **k))
+    steps = []
+    for lib in (tq_norm, fast_norm):
+        lib.register_norm_module(_SelfResetting, "spectral_norm", names=["W"], dims=[0])
+        torch.manual_seed(0)
+        layer = _SelfResetting(lib.reset_norm)
+        lib.apply_norm(layer, "spectral_norm")
+        opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        x = torch.randn(3, 5)
+        got = []
+        for _ in range(4):
+            layer(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+            got.append([layer.W.detach().clone(), layer.W_u.clone(), layer.W_v.clone()])
+        steps.append(got)
+    assert len(computed) == 4
+    for step_tq, step_fast in zip(*steps):
+        for a, b in zip(step_tq, step_fast):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)

@@ -96,7 +96,9 @@ def reset_norm(model: nn.Module) -> None:
     """Recompute the normalised weights of ``model`` (once per training step)."""
     for module in model.modules():
         fn = getattr(module, "_deq_norm", None)
-        if fn is not None:
+        if isinstance(fn, _impl._Norm):
+            fn.reset(module)
+        elif fn is not None:               # a class given to register_norm
             fn(module)
 
 
