@@ -102,6 +102,7 @@ class _Norm:
     ``_call_hook`` is the id of the one-shot forward hook of a call that began by recomputing."""
 
     _pinned = 0
+    _stale_hook: int | None = None
     _call_hook: int | None = None
     source_suffix: str   # the normalised parameter's suffix: ``_v`` or ``_orig``
 
@@ -240,7 +241,7 @@ def current_weights(module: nn.Module) -> tuple[dict[str, torch.Tensor], list[to
     fn = module.__dict__.get("_deq_norm")
     if not isinstance(fn, _Norm):
         return None
-    if fn._stale_hook is not None:
+    if fn._stale_hook is not None and not fn._pinned:
         fn(module)
     return {n: module.__dict__[n] for n in fn.names}, fn._params(module)
 
