@@ -65,7 +65,7 @@ from deq_fast.implicit.grad import (
     phantom_grad,
 )
 from deq_fast.nn.dropout import reset_dropout
-from deq_fast.nn.norm import reset_norm
+from deq_fast.nn.norm import mark_stale_norms, reset_norm
 from deq_fast.nn.options import CORES, GRAD_MODES, parse_options, sample_steps
 from deq_fast.nn.regularizers import power_method
 from deq_fast.solvers.api import solve
@@ -369,6 +369,7 @@ class DEQ(nn.Module):
         _ignore_extra_keywords(kwargs)
         if solver_kwargs is not None and not isinstance(solver_kwargs, dict):
             raise ValueError(f"solver_kwargs must be a dict, got {type(solver_kwargs).__name__}")
+        mark_stale_norms()   # normalised layers updated in place since their weights were computed
         packer = Packer(z_init, "z_init")
         ffunc = _FlatFunc(func, packer)
         z0 = packer.pack(z_init).detach()

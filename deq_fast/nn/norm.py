@@ -18,29 +18,38 @@ Formulas (TorchDEQ's, same parameter names as torch's old ``weight_norm``/``spec
 
 Fixed against TorchDEQ: the spectral-normalised weight is normalised from the start (TorchDEQ leaves
 the raw weight in place until the first ``reset_norm``; here ``u, v`` get 15 initial power steps, as
-torch does); a stale cached weight is recomputed automatically before the module runs (see below;
-TorchDEQ raises "backward through the graph a second time" or silently uses stale weights); and
-normalised layers survive ``copy.deepcopy`` and ``torch.save`` (torch's old ``weight_norm`` and
-TorchDEQ raise on the non-leaf weight): ``apply_norm`` switches a layer to a subclass
-(``NormedLinear``, ``NormedConv2d``, ...) that pickles the weight detached, ``remove_norm`` switches
-it back.
+torch does); a stale cached weight is recomputed automatically (see below; TorchDEQ raises
+"backward through the graph a second time" or silently uses stale weights); and normalised layers
+survive ``copy.deepcopy`` and ``torch.save`` (torch's old ``weight_norm`` and TorchDEQ raise on the
+non-leaf weight): ``apply_norm`` switches a layer to a subclass (``NormedLinear``,
+``NormedConv2d``, ...) that pickles the weight detached, ``remove_norm`` switches it back.
 
 Calling ``reset_norm`` once per training step (before the forward) is the documented TorchDEQ
-usage and stays the cheapest; forgetting it is safe here: the cached weight is also recomputed
-before the next forward once a backward pass has reached it (its graph may be freed), after an
-in-place parameter update, or when it lacks a graph that is now needed.
+usage and stays the cheapest. A call of a normalised layer costs what a plain layer's does (no
+check per call): staleness is marked by the events that cause it, and only a stale layer carries a
+one-shot forward pre-hook that recomputes its weight before its next call. The events: a backward
+pass reached the weight (its graph may be freed; gradient accumulation without ``reset_norm``
+keeps working), an optimizer step changed the layer's parameters (a global
+``torch.optim`` step post-hook compares the parameters' ``_version``), a copy or unpickled layer
+(its weight was saved detached), and, checked once per DEQ forward (:func:`mark_stale_norms`), any
+other in-place parameter update or a weight without the graph that gradients now need. The weight
+is always computed with its graph when a parameter requires grad, also under ``torch.no_grad()``.
+A hand-written in-place update of a layer called outside any DEQ forward needs ``reset_norm``,
+as in TorchDEQ.
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import threading
+import weakref
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["apply_norm", "reset_norm", "remove_norm"]
+__all__ = ["apply_norm", "reset_norm", "remove_norm", "mark_stale_norms"]
 
 _TARGETS: dict[type, tuple[str, int]] = {
     nn.Linear: ("weight", 0), nn.Conv1d: ("weight", 0), nn.Conv2d: ("weight", 0),
@@ -68,28 +77,41 @@ class _Retaining(threading.local):
 _RETAINING = _Retaining()
 
 
-@contextlib.contextmanager
-def graph_retained():
+class graph_retained:
     """Inside this block, a backward pass that reaches a normalised weight does not mark it for
     recomputation: for ``torch.autograd.grad(..., retain_graph=True)`` calls, whose graph (and so
     the weight's) stays usable -- e.g. gradient checkpointing's backward (``mem_gc``), which
-    otherwise recomputed every normalised weight once per checkpointed call."""
-    previous, _RETAINING.active = _RETAINING.active, True
-    try:
-        yield
-    finally:
-        _RETAINING.active = previous
+    otherwise recomputed every normalised weight once per checkpointed call. (A class, not a
+    generator: it is entered once per checkpointed call.)"""
+
+    __slots__ = ("_previous",)
+
+    def __enter__(self) -> None:
+        self._previous, _RETAINING.active = _RETAINING.active, True
+
+    def __exit__(self, *_exc) -> None:
+        _RETAINING.active = self._previous
 
 
 class _Norm:
-    """Common part: names/dims per module, caching and staleness of the computed weights."""
+    """Common part: names/dims per module, caching and staleness of the computed weights.
+
+    ``_stale_hook`` is the id of the one-shot forward pre-hook of a stale module (None while its
+    weights are current); ``_versions`` the parameters' ``_version`` when they were computed;
+    ``_pinned`` counts the open :class:`pinned_weights` blocks of the module (no recomputation);
+    ``_call_hook`` is the id of the one-shot forward hook of a call that began by recomputing."""
+
+    _pinned = 0
+    _stale_hook: int | None = None
+    _call_hook: int | None = None
+    source_suffix: str   # the normalised parameter's suffix: ``_v`` or ``_orig``
 
     def __init__(self, names, dims, learn_scale, target_norm, clip, clip_value):
         self.names, self.dims = names, dims
         self.learn_scale, self.target_norm = bool(learn_scale), float(target_norm)
         self.clip, self.clip_value = bool(clip), float(clip_value)
         self._versions: tuple = ()
-        self._consumed = False
+        self._stale_hook: int | None = None
 
     def _factor(self, module, name, denom):
         g = getattr(module, name + "_g") if self.learn_scale else self.target_norm
@@ -99,47 +121,165 @@ class _Norm:
         return factor
 
     def _params(self, module) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """The parameters the weights are computed from (``<name><source_suffix>``, ``<name>_g``)."""
+        suffixes = (self.source_suffix, "_g") if self.learn_scale else (self.source_suffix,)
+        params = module._parameters
+        return [params[name + suffix] for name in self.names for suffix in suffixes]
 
     def __call__(self, module: nn.Module, power: bool | None = None) -> None:
-        """Recompute the normalised weights of ``module`` (once per step); ``power``: refine the
-        spectral-norm estimate (default: in training mode)."""
-        self._consumed = False
+        """Recompute the normalised weights of ``module`` (once per step), with their graph when a
+        parameter requires grad (also under ``no_grad``); ``power``: refine the spectral-norm
+        estimate (default: in training mode)."""
+        on_grad = functools.partial(_on_weight_grad, weakref.ref(module))
         for name, dim in zip(self.names, self.dims):
-            weight = self.compute_weight(module, name, dim, module.training if power is None else power)
+            with torch.enable_grad():
+                weight = self.compute_weight(module, name, dim,
+                                             module.training if power is None else power)
             if weight.requires_grad:
-                weight.register_hook(self._mark_consumed)
+                weight.register_hook(on_grad)
             setattr(module, name, weight)
-        self._versions = tuple(p._version for p in self._params(module))
+        self._versions = self._param_versions(module)
+        self._clear_stale(module)
 
-    def _mark_consumed(self, grad: torch.Tensor) -> None:
-        # A backward pass reached the weight: its graph may now be freed, so the next forward
-        # recomputes it (gradient accumulation without reset_norm keeps working). A pass that
-        # retains the graph (``graph_retained``) leaves the weight usable.
-        if not _RETAINING.active:
-            self._consumed = True
+    def reset(self, module: nn.Module) -> None:
+        """``reset_norm``'s recomputation. Inside a call of ``module`` that began by recomputing
+        its stale weights (a layer that resets itself in its forward, as IGNN's), with nothing
+        changed since, they are not computed a second time: one computation and one spectral
+        power step per step, as TorchDEQ's reset_norm."""
+        if self._call_hook is None or self._stale_hook is not None or \
+                self._param_versions(module) != self._versions:
+            self(module)
 
-    def stale(self, module: nn.Module) -> bool:
-        if self._consumed:
+    def _param_versions(self, module) -> tuple:
+        return tuple(p._version for p in self._params(module))
+
+    def invalidate(self, module: nn.Module) -> None:
+        """Mark ``module``'s weights stale: its next call recomputes them first."""
+        if self._stale_hook is None:
+            self._stale_hook = module.register_forward_pre_hook(_refresh_hook).id
+
+    def _clear_stale(self, module: nn.Module) -> None:
+        if self._stale_hook is not None:
+            module._forward_pre_hooks.pop(self._stale_hook, None)
+            self._stale_hook = None
+
+    def outdated(self, module: nn.Module, need_graph: bool) -> bool:
+        """Whether the cached weights are older than the parameters, or lack the graph that
+        gradients need (``need_graph``: grad mode is on)."""
+        if self._param_versions(module) != self._versions:
             return True
-        params = self._params(module)
-        if tuple(p._version for p in params) != self._versions:
-            return True
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return any(getattr(module, n).grad_fn is None for n in self.names)
-        return False
+        return need_graph and any(p.requires_grad for p in self._params(module)) and \
+            any(getattr(module, n).grad_fn is None for n in self.names)
+
+
+def _on_weight_grad(module_ref: weakref.ref, grad: torch.Tensor) -> None:
+    # A backward pass reached the weight: its graph may now be freed, so the next call recomputes
+    # it (gradient accumulation without reset_norm keeps working). A pass that retains the graph
+    # (``graph_retained``) leaves the weight usable.
+    if _RETAINING.active:
+        return
+    module = module_ref()
+    fn = None if module is None else module.__dict__.get("_deq_norm")
+    if fn is not None:
+        fn.invalidate(module)
+
+
+def _refresh_hook(module: nn.Module, _inputs) -> None:
+    """The one-shot pre-hook of a stale module: recompute (which removes this hook), unless its
+    weights are pinned."""
+    fn = module._deq_norm
+    if fn._pinned:
+        return
+    fn(module)
+    if fn._call_hook is None:
+        fn._call_hook = module.register_forward_hook(_end_of_refreshed_call, always_call=True).id
+
+
+def _end_of_refreshed_call(module: nn.Module, _inputs, _output) -> None:
+    _drop_call_hook(module, module._deq_norm)
+
+
+def _drop_call_hook(module: nn.Module, fn: _Norm) -> None:
+    if fn._call_hook is not None:
+        module._forward_hooks.pop(fn._call_hook, None)
+        module._forward_hooks_always_called.pop(fn._call_hook, None)
+        fn._call_hook = None
+
+
+# Every live normalised module, for the checks that are not per call (mark_stale_norms).
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def mark_stale_norms(need_graph: bool | None = None) -> None:
+    """Mark stale every live normalised layer whose parameters changed in place since its weights
+    were computed, or (``need_graph``, default: grad mode is on) whose weights lack the graph
+    gradients need; each recomputes its weights before its next call.
+
+    Called once per DEQ forward and after every ``torch.optim`` optimizer step, never per layer
+    call.
+
+    Example:
+        >>> layer = torch.nn.Linear(3, 3); apply_norm(layer, "weight_norm")
+        >>> with torch.no_grad():
+        ...     _ = layer.weight_g.mul_(2.0)       # a hand-written update, no reset_norm
+        >>> mark_stale_norms(); len(layer._forward_pre_hooks)
+        1
+    """
+    if torch.compiler.is_compiling():   # a traced forward: the eager calls around it check
+        return
+    need_graph = torch.is_grad_enabled() if need_graph is None else need_graph
+    for module in list(_LIVE):
+        fn = module.__dict__.get("_deq_norm")
+        if fn is not None and fn._stale_hook is None and fn.outdated(module, need_graph):
+            fn.invalidate(module)
+
+
+def current_weights(module: nn.Module) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]] | None:
+    """``(weights, sources)`` of a layer normalised here: its normalised weights by name,
+    recomputed first if stale, and the parameters they are computed from; None for any other
+    module."""
+    fn = module.__dict__.get("_deq_norm")
+    if not isinstance(fn, _Norm):
+        return None
+    if fn._stale_hook is not None and not fn._pinned:
+        fn(module)
+    return {n: module.__dict__[n] for n in fn.names}, fn._params(module)
+
+
+class pinned_weights:
+    """Inside this block each layer of ``pins`` (``[(module, {name: weight})]``) computes with the
+    given normalised weights, not recomputed even if stale; the current ones are restored after.
+    For a recomputation that must use the weights of the original computation (``mem_gc``'s
+    backward, which differentiates with respect to them)."""
+
+    __slots__ = ("pins", "_saved")
+
+    def __init__(self, pins: Sequence[tuple[nn.Module, dict]]):
+        self.pins = pins
+
+    def __enter__(self) -> None:
+        self._saved = [(module, {n: module.__dict__[n] for n in weights})
+                       for module, weights in self.pins]
+        for module, weights in self.pins:
+            module.__dict__.update(weights)
+            module._deq_norm._pinned += 1
+
+    def __exit__(self, *_exc) -> None:
+        for module, weights in self._saved:
+            module._deq_norm._pinned -= 1
+            module.__dict__.update(weights)
+
+
+def _after_optimizer_step(_optimizer, _args, _kwargs) -> None:
+    mark_stale_norms(need_graph=False)
+
+
+register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 class _WeightNorm(_Norm):
     suffixes = ("_g", "_v")
-
-    def _params(self, module):
-        out = []
-        for name in self.names:
-            out.append(getattr(module, name + "_v"))
-            if self.learn_scale:
-                out.append(getattr(module, name + "_g"))
-        return out
+    source_suffix = "_v"
 
     def compute_weight(self, module, name, dim, training=True):
         v = getattr(module, name + "_v")
@@ -167,6 +307,7 @@ class _WeightNorm(_Norm):
 
 class _SpectralNorm(_Norm):
     suffixes = ("_g", "_orig", "_u", "_v")
+    source_suffix = "_orig"
 
     def __init__(self, names, dims, learn_scale, target_norm, clip, clip_value,
                  n_power_iterations=1, eps=1e-12, init_power_steps=15, v_first=False,
@@ -182,14 +323,6 @@ class _SpectralNorm(_Norm):
         # ``module.weight`` after apply_norm, as MDEQ's, then writes into the parameter)
         self.init_power_steps, self.v_first = init_power_steps, v_first
         self.raw_until_reset = raw_until_reset
-
-    def _params(self, module):
-        out = []
-        for name in self.names:
-            out.append(getattr(module, name + "_orig"))
-            if self.learn_scale:
-                out.append(getattr(module, name + "_g"))
-        return out
 
     @staticmethod
     def _matrix(weight, dim):
@@ -266,12 +399,31 @@ def _args_dict(args: Any) -> dict:
 
 def _getstate_detached(self) -> dict:
     """Pickle/deepcopy state with the normalised weights detached: they are non-leaf tensors,
-    which ``copy.deepcopy`` refuses. The copy's pre-hook recomputes them with a graph when
-    gradients are needed (their ``grad_fn`` is None)."""
+    which ``copy.deepcopy`` refuses."""
     state = self.__dict__.copy()
     for name in self._deq_norm.names:
         state[name] = state[name].detach()
     return state
+
+
+def _setstate_stale(self, state: dict) -> None:
+    """A copy's weights were saved detached: it recomputes them (with a graph) before its first
+    call, and joins the live normalised layers."""
+    nn.Module.__setstate__(self, state)
+    _LIVE.add(self)
+    self._deq_norm.invalidate(self)
+
+
+def normed_subclass(cls: type) -> type:
+    """The subclass of ``cls`` a normalised layer is switched to (made once per class): it pickles
+    its weights detached and recomputes them after unpickling."""
+    sub = _NORMED.get(cls)
+    if sub is None:
+        sub = type(f"Normed{cls.__name__}", (cls,), {"__getstate__": _getstate_detached,
+                                                   "__setstate__": _setstate_stale,
+                                                   "__module__": __name__})
+        _NORMED[cls] = sub
+    return sub
 
 
 # One subclass per target layer, defined at module level so that normalised layers pickle by
@@ -279,17 +431,29 @@ def _getstate_detached(self) -> dict:
 # remove_norm switches it back; isinstance checks against the torch class keep working.
 _NORMED: dict[type, type] = {}
 for _cls in _TARGETS:
-    _sub = type(f"Normed{_cls.__name__}", (_cls,), {"__getstate__": _getstate_detached,
-                                                   "__module__": __name__})
+    _sub = normed_subclass(_cls)
     globals()[_sub.__name__] = _sub
-    _NORMED[_cls] = _sub
 del _cls, _sub
 
 
-def _refresh_hook(module: nn.Module, _inputs) -> None:
-    fn = getattr(module, "_deq_norm", None)
-    if fn is not None and fn.stale(module):
-        fn(module)
+def attach_norm(module: nn.Module, fn: _Norm) -> None:
+    """Normalise ``module`` with ``fn`` (computes its weights) and switch it to its normed class."""
+    fn.attach(module)
+    module.__class__ = normed_subclass(type(module))
+    module._deq_norm = fn
+    _LIVE.add(module)
+
+
+def detach_norm(module: nn.Module) -> None:
+    """Fold ``module``'s normalisation into plain parameters and restore its class."""
+    fn = module._deq_norm
+    fn._clear_stale(module)
+    _drop_call_hook(module, fn)
+    fn.remove(module)
+    if type(module) is _NORMED.get(type(module).__bases__[0]):
+        module.__class__ = type(module).__bases__[0]
+    _LIVE.discard(module)
+    del module._deq_norm
 
 
 def apply_norm(model: nn.Module, norm_type: str = "weight_norm",
@@ -366,11 +530,7 @@ def _normalise(module: nn.Module, norm_type: str, kw: dict, norm_kwargs: dict) -
     dims = [dims] if isinstance(dims, int) else list(dims)
     if len(names) != len(dims):
         raise ValueError(f"names {names} and dims {dims} must have the same length")
-    fn = _NORMS[norm_type](names, dims, **kw)
-    fn.attach(module)
-    module.__class__ = _NORMED[type(module)]
-    module._deq_norm = fn
-    module._deq_norm_handle = module.register_forward_pre_hook(_refresh_hook)
+    attach_norm(module, _NORMS[norm_type](names, dims, **kw))
 
 
 def reset_norm(model: nn.Module) -> None:
@@ -385,7 +545,7 @@ def reset_norm(model: nn.Module) -> None:
     for module in model.modules():
         fn = getattr(module, "_deq_norm", None)
         if fn is not None:
-            fn(module)
+            fn.reset(module)
 
 
 def remove_norm(model: nn.Module) -> None:
@@ -398,9 +558,5 @@ def remove_norm(model: nn.Module) -> None:
         ('Linear', ['bias', 'weight'])
     """
     for module in model.modules():
-        fn = getattr(module, "_deq_norm", None)
-        if fn is not None:
-            fn.remove(module)
-            module.__class__ = module.__class__.__bases__[0]
-            module._deq_norm_handle.remove()
-            del module._deq_norm, module._deq_norm_handle
+        if getattr(module, "_deq_norm", None) is not None:
+            detach_norm(module)

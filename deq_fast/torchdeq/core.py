@@ -14,7 +14,8 @@ Two engines:
   forward, on deq_fast's
   TorchDEQ-contract solvers (:func:`~deq_fast.torchdeq.solver.get_solver`). The state goes through
   :func:`~deq_fast.torchdeq.utils.layer_utils.deq_decorator` (a list/tuple state is packed into
-  one ``(B, D)`` vector; also with ``no_stat``, where TorchDEQ's IFT would fail on the list).
+  one ``(B, D)`` vector unless ``no_stat``, as in TorchDEQ; with ``ift`` also with ``no_stat``,
+  where TorchDEQ's IFT would fail on the list).
   ``'sliced'``: each segment of ``_compute_f_iter`` is solved under ``no_grad`` from the previous
   segment's output and ends with its gradient functor (phantom ``grad``/``tau`` steps; with
   ``ift``, IFT for the last). ``'indexing'``: one solve that samples the states at ``indexing``
@@ -45,6 +46,7 @@ import torch
 from torch import nn
 
 from deq_fast.nn.deq import get_deq as _native_get_deq
+from deq_fast.nn.norm import mark_stale_norms
 from deq_fast.solvers.packing import Packer
 
 from .dropout import reset_dropout
@@ -148,9 +150,11 @@ class _EngineDEQ(DEQBase):
     def _train(self, func: Callable, z_init: Any, skw: dict, backward_writer: Callable | None):
         """TorchDEQ's training forward: the solver states its core samples, each followed by its
         gradient functor (phantom steps; IFT on the last with ``ift``), on deq_fast's solvers."""
+        mark_stale_norms()
         z_is_list = isinstance(z_init, (list, tuple))
-        # TorchDEQ's IFT needs one tensor: a list state is packed even when ``no_stat``
-        deq_func, z = deq_decorator(func, z_init, no_stat=self.no_stat and not z_is_list)
+        # TorchDEQ's IFT needs one tensor: with ``ift`` a list state is packed even when
+        # ``no_stat``; otherwise it stays a list as in TorchDEQ (no copy per call of ``func``)
+        deq_func, z = deq_decorator(func, z_init, no_stat=self.no_stat and not (z_is_list and self.ift))
         cap = skw.get("f_max_iter")
         indexing = self._compute_f_iter(cap) if type(cap) in (int, float) else self.indexing
         rest = {k: v for k, v in skw.items() if k != "f_max_iter"}

@@ -165,3 +165,174 @@ def test_mem_gc_reuses_the_normalised_weight_within_a_step(monkeypatch):
     torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-12, atol=0)
     for (name, p), (_, q) in zip(layer.named_parameters(), ref_layer.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0, msg=name)
+
+
+def test_mem_gc_runs_the_normalisation_backward_once_per_step():
+    # the checkpointed VJPs stop at the normalised weight: its backward (to weight_g, weight_v)
+    # runs once for the three checkpointed calls, with the gradients of the plain chain above
+    from deq_fast.torchdeq.norm import apply_norm, reset_norm
+    from deq_fast.torchdeq.utils.mem import mem_gc
+
+    runs = []
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 8).double()
+    apply_norm(layer, "weight_norm")
+    reset_norm(layer)
+    layer.weight.grad_fn.register_prehook(lambda grads: runs.append(1))
+    z = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    for _ in range(3):
+        z = torch.tanh(mem_gc(layer, (z,)))
+    z.square().sum().backward()
+    assert len(runs) == 1
+    ref_layer, _ = _normed_chain(checkpointed=False)
+    for (name, p), (_, q) in zip(layer.named_parameters(), ref_layer.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0, msg=name)
+
+
+class _SharedScale(torch.nn.Module):
+    """Uses a normalised layer's ``weight_g`` directly too (a shared source parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 6).double()
+
+    def forward(self, z):
+        return torch.tanh(self.lin(z)) * self.g.sum()
+
+
+def test_mem_gc_gradients_with_a_shared_normalisation_parameter():
+    from deq_fast.torchdeq.norm import apply_norm, reset_norm
+    from deq_fast.torchdeq.utils.mem import mem_gc
+
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(1)
+        m = _SharedScale()
+        apply_norm(m, "weight_norm")
+        m.g = m.lin.weight_g                   # registered a second time, on the parent
+        reset_norm(m)
+        z = torch.randn(3, 6, dtype=torch.float64)
+        for _ in range(2):
+            z = mem_gc(m, (z,)) if checkpointed else m(z)
+        z.sum().backward()
+        grads.append({n: p.grad for n, p in m.lin.named_parameters()})
+    for name, ref in grads[0].items():
+        torch.testing.assert_close(grads[1][name], ref, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_mem_gc_backward_differentiates_the_weights_its_forward_used():
+    # reset_norm between the checkpointed forward and the backward: the recomputation uses the
+    # pinned weight of the forward (whose gradient the checkpoint returns), not the new one
+    from deq_fast.torchdeq.norm import apply_norm, reset_norm
+    from deq_fast.torchdeq.utils.mem import mem_gc
+
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(2)
+        layer = torch.nn.Linear(5, 5).double()
+        apply_norm(layer, "weight_norm")
+        reset_norm(layer)
+        x = torch.randn(3, 5, dtype=torch.float64)
+        y = mem_gc(layer, (x,)) if checkpointed else layer(x)
+        reset_norm(layer)
+        y.square().sum().backward()
+        grads.append({n: p.grad for n, p in layer.named_parameters()})
+    for name, ref in grads[0].items():
+        assert grads[1][name] is not None, name
+        torch.testing.assert_close(grads[1][name], ref, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_list_state_reaches_func_unpacked_without_ift():
+    # no_stat without ift (deq-flow's simple_fixed_point_iter): the (h, c) state stays a list as
+    # in TorchDEQ (no packing into one vector and views out of it per call); same outputs and
+    # gradients as torchdeq
+    import torchdeq
+
+    import deq_fast.torchdeq as fast
+
+    results = []
+    for lib in (torchdeq, fast):
+        torch.manual_seed(3)
+        W = (0.3 * torch.randn(4, 4, dtype=torch.float64)).requires_grad_()
+        views = []
+
+        def f(h, c):
+            views.append(h._base is not None or c._base is not None)
+            return torch.tanh(h @ W + c), 0.5 * c + 0.1 * h.mean(dim=1, keepdim=True)
+
+        deq = lib.get_deq(f_solver="simple_fixed_point_iter", f_max_iter=6, n_states=2, grad=1)
+        deq.train()
+        z0 = (torch.zeros(2, 4, dtype=torch.float64), torch.ones(2, 4, dtype=torch.float64))
+        z_out, _ = deq(f, z0)
+        sum(h.square().sum() + c.sum() for h, c in z_out).backward()
+        results.append(([t.detach() for z in z_out for t in z], W.grad, views))
+    (out_tq, grad_tq, _), (out_fast, grad_fast, views_fast) = results
+    assert not any(views_fast)
+    for a, b in zip(out_fast, out_tq):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad_fast, grad_tq, rtol=1e-12, atol=1e-14)
+
+
+def test_mem_gc_without_grad_mode_is_a_plain_call(monkeypatch):
+    # a solver's iterations run under no_grad: nothing to checkpoint, so no autograd.Function
+    from deq_fast.torchdeq.norm import apply_norm
+    from deq_fast.torchdeq.utils import mem
+
+    torch.manual_seed(4)
+    layer = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh()).double()
+    apply_norm(layer, "weight_norm")
+    x = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    applied = []
+    monkeypatch.setattr(mem.DEQGradCkpt, "apply", lambda *a: applied.append(1) or layer(*a[2:3]))
+    with torch.no_grad():
+        y = mem.mem_gc(layer, (x,))
+        assert not applied and not y.requires_grad
+        torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
+    mem.mem_gc(layer, (x,))
+    assert applied == [1]
+
+
+class _SelfResetting(torch.nn.Module):
+    """Resets its own normalisation in its forward, as IGNN's implicit graph layer."""
+
+    def __init__(self, reset_norm):
+        super().__init__()
+        self.W = torch.nn.Parameter(0.3 * torch.randn(5, 5))
+        self._reset_norm = reset_norm
+
+    def forward(self, x):
+        self._reset_norm(self)
+        return torch.tanh(x @ self.W.T)
+
+
+def test_self_resetting_spectral_layer_trains_as_torchdeq(monkeypatch):
+    # each step: backward (the weight goes stale), optimizer step, forward: the stale layer's
+    # recomputation and its own reset_norm make one computation and one power step, as TorchDEQ's
+    import torchdeq.norm as tq_norm
+
+    import deq_fast.torchdeq.norm as fast_norm
+    from deq_fast.nn import norm
+
+    computed = []
+    compute = norm._SpectralNorm.compute_weight
+    monkeypatch.setattr(norm._SpectralNorm, "compute_weight",
+                        lambda *a, **k: computed.append(1) or compute(*a, **k))
+    steps = []
+    for lib in (tq_norm, fast_norm):
+        lib.register_norm_module(_SelfResetting, "spectral_norm", names=["W"], dims=[0])
+        torch.manual_seed(0)
+        layer = _SelfResetting(lib.reset_norm)
+        lib.apply_norm(layer, "spectral_norm")
+        opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        x = torch.randn(3, 5)
+        got = []
+        for _ in range(4):
+            layer(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+            got.append([layer.W.detach().clone(), layer.W_u.clone(), layer.W_v.clone()])
+        steps.append(got)
+    assert len(computed) == 4
+    for step_tq, step_fast in zip(*steps):
+        for a, b in zip(step_tq, step_fast):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)

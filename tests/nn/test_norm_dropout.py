@@ -104,19 +104,109 @@ def test_weight_norm_computed_once_per_step_inside_a_deq(monkeypatch):
     assert lin.weight_v.grad is not None and torch.isfinite(lin.weight_v.grad).all()
 
 
-def test_stale_weight_is_recomputed_after_inplace_update_or_no_grad_reset():
-    lin = nn.Linear(3, 2).double()
+def _expected_weight_norm(lin):
+    return (lin.weight_v * lin.weight_g / lin.weight_v.norm(dim=1, keepdim=True)).detach()
+
+
+def test_stale_weight_is_recomputed_after_optimizer_step_update_or_no_grad_reset():
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 3).double()
     apply_norm(lin, "weight_norm")
     x = torch.randn(4, 3, dtype=torch.float64)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    for p in lin.parameters():                        # a step the weight's backward did not see
+        p.grad = torch.randn_like(p)
+    opt.step()                                        # no reset_norm
     with torch.no_grad():
-        lin.weight_g.mul_(2.0)                        # optimizer step without reset_norm
         y = lin(x)
-    expect = x @ (lin.weight_v * lin.weight_g / lin.weight_v.norm(dim=1, keepdim=True)).T + lin.bias
-    assert torch.allclose(y, expect.detach())
+    assert torch.allclose(y, x @ _expected_weight_norm(lin).T + lin.bias)
     with torch.no_grad():
-        reset_norm(lin)                               # weight without a graph...
-    lin(x).sum().backward()                           # ...is recomputed when grads are needed
+        lin.weight_g.mul_(2.0)                        # a hand-written update: seen by the next DEQ
+    deq = get_deq(f_solver="fixed_point_iter", f_max_iter=3)
+    deq(lambda z: 0.1 * torch.tanh(lin(z)) + x, torch.zeros(4, 3, dtype=torch.float64))
+    assert torch.allclose(lin.weight, _expected_weight_norm(lin))
+    with torch.no_grad():
+        reset_norm(lin)                               # the weight keeps its graph...
+    lin(x).sum().backward()                           # ...so gradients reach the parameters
     assert lin.weight_g.grad is not None
+
+
+class _Counts:
+    """Counts of weight computations, stale pre-hook calls and staleness checks of one layer."""
+
+    def __init__(self, monkeypatch, layer):
+        from deq_fast.nn import norm
+        self.computed = self.hooked = self.checked = 0
+        compute, hook, outdated = _WeightNorm.compute_weight, norm._refresh_hook, norm._Norm.outdated
+
+        def counting_compute(fn, module, *a, **k):
+            self.computed += module is layer
+            return compute(fn, module, *a, **k)
+
+        def counting_hook(module, inputs):
+            self.hooked += module is layer
+            return hook(module, inputs)
+
+        def counting_outdated(fn, module, *a, **k):
+            self.checked += module is layer
+            return outdated(fn, module, *a, **k)
+
+        monkeypatch.setattr(_WeightNorm, "compute_weight", counting_compute)
+        monkeypatch.setattr(norm, "_refresh_hook", counting_hook)
+        monkeypatch.setattr(norm._Norm, "outdated", counting_outdated)
+
+    def take(self):
+        out = (self.computed, self.hooked, self.checked)
+        self.computed = self.hooked = self.checked = 0
+        return out
+
+
+def test_no_staleness_work_per_layer_call(monkeypatch):
+    """A DEQ step calls the layer ~25 times: the weight is computed once (reset_norm), no pre-hook
+    runs and the staleness check runs once (per DEQ forward), not per call; without reset_norm,
+    the backward marks it stale and the next step recomputes it exactly once; after an optimizer
+    step, exactly once."""
+    torch.manual_seed(1)
+    lin = nn.Linear(6, 6).double()
+    apply_norm(lin, "weight_norm", learn_scale=False, target_norm=0.5)
+    counts = _Counts(monkeypatch, lin)
+    x = torch.randn(2, 6, dtype=torch.float64)
+    deq = get_deq(f_solver="fixed_point_iter", f_max_iter=25, f_tol=1e-12)
+    opt = torch.optim.SGD(lin.parameters(), lr=1e-2)
+    calls = []
+
+    def f(z):
+        calls.append(len(lin._forward_pre_hooks))
+        return torch.tanh(lin(z) + x)
+
+    def step():
+        z_out, info = deq(f, torch.zeros(2, 6, dtype=torch.float64))
+        z_out[-1].sum().backward()
+        return info
+
+    reset_norm(lin)
+    counts.take()
+    info = step()
+    assert info["nfe"] >= 20 and set(calls) == {0}
+    assert counts.take() == (0, 0, 1)                  # computed by reset_norm only
+    assert len(lin._forward_pre_hooks) == 1            # consumed by the backward: stale
+    step()                                             # gradient accumulation, no reset_norm
+    assert counts.take() == (1, 1, 0)
+    opt.step()                                         # stale again (consumed), stays one hook
+    assert len(lin._forward_pre_hooks) == 1
+    step()
+    assert counts.take() == (1, 1, 0)
+    with torch.no_grad():
+        lin(x)                                          # stale after backward: recomputed once
+    assert counts.take() == (1, 1, 0)
+    for p in lin.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()                                         # not consumed: the version check sees it
+    assert len(lin._forward_pre_hooks) == 1
+    with torch.no_grad():
+        lin(x), lin(x)
+    assert counts.take() == (1, 1, 1)
+    assert torch.allclose(lin.weight, 0.5 * lin.weight_v / lin.weight_v.norm(dim=1, keepdim=True))
 
 
 # ---------------------------------------------------------------------------------------------

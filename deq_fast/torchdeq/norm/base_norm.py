@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from deq_fast.nn import norm as _impl
+
 from ..utils.config import DEQConfig
 from .spectral_norm import SpectralNorm
 from .weight_norm import WeightNorm
@@ -94,7 +96,9 @@ def reset_norm(model: nn.Module) -> None:
     """Recompute the normalised weights of ``model`` (once per training step)."""
     for module in model.modules():
         fn = getattr(module, "_deq_norm", None)
-        if fn is not None:
+        if isinstance(fn, _impl._Norm):
+            fn.reset(module)
+        elif fn is not None:               # a class given to register_norm
             fn(module)
 
 
@@ -104,10 +108,8 @@ def remove_norm(model: nn.Module) -> None:
         fn = getattr(module, "_deq_norm", None)
         if fn is None:
             continue
-        fn.remove(module)
-        handle = getattr(module, "_deq_norm_handle", None)
-        if handle is not None:   # deq_fast's normalisation: restore the original class
-            handle.remove()
-            module.__class__ = module.__class__.__bases__[0]
-            del module._deq_norm_handle
-        del module._deq_norm
+        if isinstance(fn, _impl._Norm):   # deq_fast's normalisation: restores the class too
+            _impl.detach_norm(module)
+        else:                              # a class given to register_norm
+            fn.remove(module)
+            del module._deq_norm

@@ -15,16 +15,6 @@ from deq_fast.nn import norm as _impl
 __all__ = ["WeightNorm"]
 
 
-def _normed_class(cls: type) -> type:
-    """deq_fast's pickling subclass of ``cls`` (made once for a class registered by the user)."""
-    sub = _impl._NORMED.get(cls)
-    if sub is None:
-        sub = type(f"Normed{cls.__name__}", (cls,), {"__getstate__": _impl._getstate_detached,
-                                                     "__module__": cls.__module__})
-        _impl._NORMED[cls] = sub
-    return sub
-
-
 class _NormFactory:
     """Base of :class:`WeightNorm`/``SpectralNorm``: ``_target_modules`` maps a module class to
     ``(names, dims)``; ``apply`` normalises one module and returns the reset callable."""
@@ -54,9 +44,7 @@ class _NormFactory:
         if len(names) != len(dims):
             raise ValueError(f"names {names} and dims {dims} must have the same length")
         fn = _impl._NORMS[cls._kind](names, dims, **cls._options(deq_args, kw))
-        fn.attach(module)
-        module.__class__ = _normed_class(type(module))
-        module._deq_norm_handle = module.register_forward_pre_hook(_impl._refresh_hook)
+        _impl.attach_norm(module, fn)
         return fn
 
 
