@@ -34,8 +34,8 @@ counters are the one persistent scratch: zeros allocated once per (device, strea
 :func:`tickets` (a counter must start at zero, and each launch leaves it at zero for the next;
 launches on one stream never overlap). The reduction finishes inside the producing launch, not
 in its consumer, because pass 1's ``sq`` is read by ``track_status`` (whose op schema takes a
-``[B, 2]`` tensor) before pass 2 runs: the schemas, the 3 launches per iteration and the absence
-of host syncs stay as they were.
+``[B, 2]`` tensor) before pass 2 runs: the schemas, the launches per iteration (3; 2 for the fixed
+point) and the absence of host syncs stay as they were.
 """
 from __future__ import annotations
 

@@ -10,15 +10,15 @@ produces too (``myst_heading_anchors`` in ``docs/conf.py``).
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests._modules import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -138,25 +138,9 @@ def test_ci_runs_the_readme_commands():
 
 
 # ------------------------------------------------------------------------------ README figures
-def _figures_module():
-    """``benchmarks/readme_figures.py`` as a module. It imports ``report``, which imports the
-    benchmarks' own ``conftest`` by name, so the root conftest.py (which pytest registered as
-    ``conftest``) is set aside while it loads."""
-    spec = importlib.util.spec_from_file_location("readme_figures", ROOT / "benchmarks" / "readme_figures.py")
-    module = importlib.util.module_from_spec(spec)
-    root_conftest = sys.modules.pop("conftest", None)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop("conftest", None)
-        if root_conftest is not None:
-            sys.modules["conftest"] = root_conftest
-    return module
-
-
 @pytest.fixture(scope="module")
 def figures():
-    return _figures_module()
+    return load_module("readme_figures", ROOT / "benchmarks" / "readme_figures.py")
 
 
 def test_readme_figures_are_the_committed_record(figures):

@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 
 // y = tau fx + (1 - tau) x must round as torch's two products and a sum: no fused multiply-add
 // (GCC contracts a * b + c into an FMA in the x86-64-v3 clone by default).
@@ -125,9 +126,11 @@ void fixed_point_step(const Tensor& x, const Tensor& fx_in, const Tensor& best, 
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(sq.scalar_type() == acc && sq.dim() == 2 && sq.size(0) == B && sq.size(1) == 2,
               "fixed_point_step: sq must be a [B, 2] tensor of the accumulation dtype");
-  for (const Tensor* t : {&improved, &active}) {
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&improved, "improved"},
+                                 {&active, "active"}}) {
     TORCH_CHECK(t->scalar_type() == at::kBool && t->is_contiguous() && t->numel() == B,
-                "fixed_point_step: improved and active must be contiguous [B] bool tensors");
+                "fixed_point_step: ", name, " must be a contiguous [B] bool tensor, got ",
+                t->scalar_type(), " of shape ", t->sizes());
   }
   const int64_t s0 = sq.stride(0), s1 = sq.stride(1);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fixed_point_step_cpu", [&] {

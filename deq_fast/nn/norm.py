@@ -31,7 +31,8 @@ one-shot forward pre-hook that recomputes its weight before its next call. The e
 pass reached the weight (its graph may be freed; gradient accumulation without ``reset_norm``
 keeps working), an optimizer step changed the layer's parameters (a global
 ``torch.optim`` step post-hook compares the parameters' ``_version``), a copy or unpickled layer
-(its weight was saved detached), and, checked once per DEQ forward (:func:`mark_stale_norms`), any
+(its weight was saved detached), ``load_state_dict`` or a conversion of its parameters (``.to()``,
+``.double()``, ...), and, checked once per DEQ forward (:func:`mark_stale_norms`), any
 other in-place parameter update or a weight without the graph that gradients now need. The weight
 is always computed with its graph when a parameter requires grad, also under ``torch.no_grad()``.
 A hand-written in-place update of a layer called outside any DEQ forward needs ``reset_norm``,
@@ -414,14 +415,30 @@ def _setstate_stale(self, state: dict) -> None:
     self._deq_norm.invalidate(self)
 
 
+def _stale_after(method):
+    """``cls.method`` followed by marking the layer stale: for the ``nn.Module`` methods that
+    replace or convert its parameters (``load_state_dict``'s per-module copy, ``.to()``/``.cuda()``/
+    ``.double()``'s ``_apply``), so its next call recomputes the weights from the new ones."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        out = method(self, *args, **kwargs)
+        fn = self.__dict__.get("_deq_norm")
+        if fn is not None:
+            fn.invalidate(self)
+        return out
+    return wrapper
+
+
 def normed_subclass(cls: type) -> type:
     """The subclass of ``cls`` a normalised layer is switched to (made once per class): it pickles
-    its weights detached and recomputes them after unpickling."""
+    its weights detached and recomputes them after unpickling, loading a state dict, or a
+    conversion of its parameters (``.to()``, ``.double()``, ...)."""
     sub = _NORMED.get(cls)
     if sub is None:
-        sub = type(f"Normed{cls.__name__}", (cls,), {"__getstate__": _getstate_detached,
-                                                   "__setstate__": _setstate_stale,
-                                                   "__module__": __name__})
+        sub = type(f"Normed{cls.__name__}", (cls,), {
+            "__getstate__": _getstate_detached, "__setstate__": _setstate_stale,
+            "_load_from_state_dict": _stale_after(cls._load_from_state_dict),
+            "_apply": _stale_after(cls._apply), "__module__": __name__})
         _NORMED[cls] = sub
     return sub
 

@@ -35,7 +35,8 @@ def _damped(x: torch.Tensor, fx: torch.Tensor, tau: float) -> torch.Tensor:
 
 def take_improved(x: torch.Tensor, best: torch.Tensor, improved: torch.Tensor,
                   cache: Optional[dict] = None) -> None:
-    """``best = x`` where ``improved`` (per sample, in place): the deferred best-iterate copy."""
+    """``best = x`` where ``improved`` (per sample, in place): the deferred best-iterate copy (also
+    Broyden's copy at its first and last step, which have no update pass)."""
     torch.where(view(cache, improved, "col", lambda: improved[:, None]), x, best, out=best)
 
 

@@ -188,7 +188,7 @@ def _broyden_loop(f: Callable, x: torch.Tensor, tr: _Tracker, n_evals: int) -> N
         ops.broyden_dots(x, fx, g_old, g, dx, U, V, abc, scal, n_valid)
         tr.status(sq, e)
         if e == 0 or e == n_evals - 1:
-            torch.where(tr.improved[:, None], x, st.best, out=st.best)
+            take_improved(x, st.best, tr.improved)
             if e == 0:
                 dx.copy_(g).masked_fill_(~st.active[:, None], 0.0)
                 x_new = x + dx

@@ -4,7 +4,6 @@ loader of the user's ``lib/solvers.py``, one timed row), on configuration text a
 original solver. Nothing of locuslab/deq is needed; nothing is asserted about time."""
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import sys
 
@@ -12,28 +11,10 @@ import pytest
 import torch
 
 import deq_fast
+from tests._modules import ROOT, load_module
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def _load(name: str, path: pathlib.Path):
-    """A module by file path. The benchmarks import their own ``conftest`` by name, so the root
-    conftest.py (registered by pytest as ``conftest``) is set aside while the module loads."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module                      # dataclasses look their module up there
-    root_conftest = sys.modules.pop("conftest", None)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop("conftest", None)
-        if root_conftest is not None:
-            sys.modules["conftest"] = root_conftest
-    return module
-
-
-bench = _load("bench_locuslab", ROOT / "benchmarks" / "bench_locuslab.py")
-oracle = _load("_locuslab_oracle", pathlib.Path(__file__).with_name("test_locuslab.py"))
+bench = load_module("bench_locuslab", ROOT / "benchmarks" / "bench_locuslab.py")
+oracle = load_module("_locuslab_oracle", pathlib.Path(__file__).with_name("test_locuslab.py"))
 
 MDEQ_CONFIG = """MODEL:
   NAME: mdeq

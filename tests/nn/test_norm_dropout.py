@@ -401,6 +401,22 @@ def test_normalised_layers_deepcopy_pickle_and_state_dict(norm, tmp_path):
 
 
 @pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_loaded_or_converted_layer_recomputes_its_weight_without_reset_norm(norm):
+    """load_state_dict and .double() replace the parameters outside any DEQ forward or optimizer
+    step: the layer's next call (no reset_norm, no DEQ) computes with the new ones."""
+    torch.manual_seed(8)
+    src, dst = nn.Linear(3, 4), nn.Linear(3, 4)
+    apply_norm(src, norm), apply_norm(dst, norm)
+    src.eval(), dst.eval()                          # (no spectral-norm power step on recompute)
+    x = torch.randn(2, 3)
+    dst.load_state_dict(src.state_dict())
+    assert torch.allclose(dst(x), src(x))
+    dst.double()
+    y = dst(x.double())
+    assert y.dtype == torch.float64 and torch.allclose(y, src(x).double(), atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
 def test_gradient_accumulation_without_reset_norm(norm):
     torch.manual_seed(8)
     lin = nn.Linear(4, 3).double()

@@ -379,6 +379,10 @@ def test_bad_arguments_are_refused(C):
         C.track_status.default(torch.rand(2, 2), torch.ones(2, 2), torch.ones(2, 2),
                                torch.zeros(1, 2, 2), flags.clone(), flags.clone(), 1, 1.0, 0.1, 0,
                                False, False, False, 1e-9)
+    for bad in ("improved", "active"):        # the message names the flag that is wrong
+        imp, act = (flags.int(), flags) if bad == "improved" else (flags, flags[:1])
+        with pytest.raises(RuntimeError, match=f"fixed_point_step: {bad} must be a contiguous"):
+            C.fixed_point_step.default(x.clone(), x, x.clone(), torch.empty(2, 2), imp, act, 1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

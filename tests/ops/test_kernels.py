@@ -127,6 +127,22 @@ def test_fixed_point_step_strided_fx():
     assert_outputs(["x", "best", "sq"], got, want, KERNEL_TOL[torch.float32])
 
 
+
+@pytest.mark.parametrize("tau", [1.0, 0.6], ids=["plain", "damped"])
+def test_fixed_point_step_fx_aliasing_x(tau):
+    """``f`` may return its input: with ``fx`` the very tensor ``x``, the kernel equals the
+    reference on a separate copy (each element loaded before it is stored)."""
+    gen = _gen("fps-alias")
+    x, _, best, improved, active = _step_state(gen, 4, 130, torch.float32)
+    got_x, got_best, want_best = x.clone(), best.clone(), best.clone()
+    got_sq = nan_empty((4, 2), torch.float32, DEVICE)
+    want_sq, want_x = got_sq.clone(), x.clone()
+    K.fixed_point_step(got_x, got_x, got_best, got_sq, improved, active, tau)
+    R.fixed_point_step(want_x, x.clone(), want_best, want_sq, improved, active, tau)
+    assert_outputs(["x", "best", "sq"], [got_x, got_best, got_sq], [want_x, want_best, want_sq],
+                   KERNEL_TOL[torch.float32])
+    assert torch.equal(got_best[improved], x[improved])
+
 # ---------------------------------------------------------------------------------- Anderson
 def _anderson_state(gen, B, D, m, filled, dtype):
     """Rings with ``filled`` written slots (the rest zero, as the engine keeps them) and their

@@ -265,3 +265,39 @@ def test_fixed_point_iteration_is_two_ops(tau):
     ops, syncs, _ = per_iteration(lambda fc, n: deq_fast.solve(
         fc, x0, method="fixed_point", max_iter=n, tol=0.0, tau=tau, check_every=0), f)
     assert (ops, syncs) == (2.0, 0.0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("stop_together", [False, True])
+def test_fixed_point_indexed_copies_and_nan_sample_see_the_deferred_best(backend, stop_together):
+    """The estimates the engine keeps at ``indexing`` (TorchDEQ's indexing core reads them
+    mid-solve) equal the best of a solve stopped at that evaluation count, though the best copy is
+    deferred by one pass; a sample whose ``f`` turns NaN keeps its best finite iterate."""
+    if backend == "cpp" and not extension.available():
+        pytest.skip("the C++ CPU kernels are not built")
+    from deq_fast.solvers import engine
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(24, 24, generator=g, dtype=torch.float64) / 24 ** 0.5 * 0.9
+    x0 = torch.randn(4, 24, generator=g, dtype=torch.float64)
+
+    def run(max_iter, indexing=()):
+        calls = [0]
+
+        def f(z):
+            calls[0] += 1
+            out = torch.tanh(z @ W.T + 1.0)
+            if calls[0] > 4:                              # sample 2: NaN from the 5th evaluation
+                out[2] = float("nan")
+            return out
+
+        return engine.run(f, x0, engine.Options(
+            method="fixed_point", max_iter=max_iter, tol=1e-30, tau=0.8, backend=backend,
+            indexing=indexing, stop_together=stop_together))
+
+    st = run(12, indexing=(3, 7, 12))
+    assert len(st.index_list) == 3
+    for k, kept in zip((3, 7, 12), st.index_list):
+        torch.testing.assert_close(kept, run(k).best, atol=0, rtol=0)
+    assert torch.isfinite(st.best).all()
+    torch.testing.assert_close(st.best[2], run(4).best[2], atol=0, rtol=0)
+    assert not torch.equal(st.best[0], run(4).best[0])
