@@ -90,6 +90,44 @@ def _ring_tiles(U_ptr, V_ptr, b, stride_Ub, stride_Ul, stride_Vb, stride_Vl, row
 
 
 @triton.jit
+def _ring_products(acc_a, acc_b, acc_c, Ut, Vt, da, ga, dga, ACC: tl.constexpr):
+    """Pass 1's elementwise products of one column step, added to the ``[L_BLOCK, BLOCK_D]``
+    accumulators: ``U·dx``, ``V·g``, ``V·dg``."""
+    acc_a += Ut.to(ACC) * da[None, :]
+    acc_b += Vt.to(ACC) * ga[None, :]
+    acc_c += Vt.to(ACC) * dga[None, :]
+    return acc_a, acc_b, acc_c
+
+
+@triton.jit
+def _further_ring_blocks(g_ptr, g_old_ptr, dx_ptr, U_ptr, V_ptr, part, b, n_valid, start, end,
+                         L_CEIL, stride_g, stride_go, stride_dx, stride_Ub, stride_Ul, stride_Vb,
+                         stride_Vl, ACC: tl.constexpr, L_BLOCK: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """Pass 1 for the ring blocks after the first: one sweep over the chunk per block, reloading
+    ``g`` (stored by the first sweep, so the caller's barrier must come first), ``g_old`` and
+    ``dx``; each block's partial ``a, b, c`` stored into ``part``."""
+    rows = tl.arange(0, L_BLOCK)
+    cols = tl.arange(0, BLOCK_D)
+    for l0 in range(L_BLOCK, n_valid, L_BLOCK):
+        slots = l0 + rows
+        rm = slots < n_valid
+        acc_a = tl.zeros([L_BLOCK, BLOCK_D], dtype=ACC)
+        acc_b = tl.zeros([L_BLOCK, BLOCK_D], dtype=ACC)
+        acc_c = tl.zeros([L_BLOCK, BLOCK_D], dtype=ACC)
+        for d0 in range(start, end, BLOCK_D):
+            offs = d0 + cols
+            dm = offs < end
+            ga = tl.load(g_ptr + b * stride_g + offs, mask=dm, other=0.0).to(ACC)
+            dga = ga - tl.load(g_old_ptr + b * stride_go + offs, mask=dm, other=0.0).to(ACC)
+            da = tl.load(dx_ptr + b * stride_dx + offs, mask=dm, other=0.0).to(ACC)
+            Ut, Vt = _ring_tiles(U_ptr, V_ptr, b, stride_Ub, stride_Ul, stride_Vb, stride_Vl,
+                                 slots, offs, rm[:, None] & dm[None, :])
+            acc_a, acc_b, acc_c = _ring_products(acc_a, acc_b, acc_c, Ut, Vt, da, ga, dga, ACC)
+        _store_ring_partials(part, slots, L_CEIL, acc_a, acc_b, acc_c)
+
+
+@triton.jit
 def _store_ring_partials(part, rows, L_CEIL, acc_a, acc_b, acc_c):
     """A chunk's partial ``a, b, c`` of ring slots ``rows``: its tiles summed over the columns."""
     tl.store(part + rows, tl.sum(acc_a, axis=1))
@@ -149,9 +187,7 @@ def _broyden_dots_kernel(x_ptr, fx_ptr, g_old_ptr, g_ptr, dx_ptr, U_ptr, V_ptr, 
         ga = g.to(ACC)
         dga = ga - gov.to(ACC)
         fa = fv.to(ACC)
-        acc_a += Ut.to(ACC) * da[None, :]
-        acc_b += Vt.to(ACC) * ga[None, :]
-        acc_c += Vt.to(ACC) * dga[None, :]
+        acc_a, acc_b, acc_c = _ring_products(acc_a, acc_b, acc_c, Ut, Vt, da, ga, dga, ACC)
         s_dg += da * ga
         s_ddg += da * dga
         gg += ga * ga
@@ -166,24 +202,9 @@ def _broyden_dots_kernel(x_ptr, fx_ptr, g_old_ptr, g_ptr, dx_ptr, U_ptr, V_ptr, 
     # barrier makes those stores visible), g_old and dx
     if MANY_BLOCKS:
         tl.debug_barrier()
-        for l0 in range(L_BLOCK, n_valid, L_BLOCK):
-            slots = l0 + rows
-            rm = slots < n_valid
-            acc_a = tl.zeros([L_BLOCK, BLOCK_D], dtype=ACC)
-            acc_b = tl.zeros([L_BLOCK, BLOCK_D], dtype=ACC)
-            acc_c = tl.zeros([L_BLOCK, BLOCK_D], dtype=ACC)
-            for d0 in range(start, end, BLOCK_D):
-                offs = d0 + cols
-                dm = offs < end
-                ga = tl.load(g_ptr + b * stride_g + offs, mask=dm, other=0.0).to(ACC)
-                dga = ga - tl.load(g_old_ptr + b * stride_go + offs, mask=dm, other=0.0).to(ACC)
-                da = tl.load(dx_ptr + b * stride_dx + offs, mask=dm, other=0.0).to(ACC)
-                Ut, Vt = _ring_tiles(U_ptr, V_ptr, b, stride_Ub, stride_Ul, stride_Vb, stride_Vl,
-                                     slots, offs, rm[:, None] & dm[None, :])
-                acc_a += Ut.to(ACC) * da[None, :]
-                acc_b += Vt.to(ACC) * ga[None, :]
-                acc_c += Vt.to(ACC) * dga[None, :]
-            _store_ring_partials(part, slots, L_CEIL, acc_a, acc_b, acc_c)
+        _further_ring_blocks(g_ptr, g_old_ptr, dx_ptr, U_ptr, V_ptr, part, b, n_valid, start, end,
+                             L_CEIL, stride_g, stride_go, stride_dx, stride_Ub, stride_Ul,
+                             stride_Vb, stride_Vl, ACC, L_BLOCK, BLOCK_D)
     if last_arrival(ticket_ptr, b, chunks):
         _reduce_chunks(part_ptr + b * stride_part, abc_ptr + b * stride_abc,
                        scal_ptr + b * stride_scal, n_valid, L, L_CEIL, chunks, L_BLOCK)
@@ -227,6 +248,43 @@ def _ring_coefficients(abc, L, slots, n_valid):
             tl.load(abc + 2 * L + slots, mask=rm, other=0.0))
 
 
+@triton.jit
+def _blocked_coefficient_dots(abc, L, n_valid, ACC: tl.constexpr, L_BLOCK: tl.constexpr):
+    """``<a, b>`` and ``<a, c>`` over a ring of several blocks (slots from ``n_valid`` are zero)."""
+    rows = tl.arange(0, L_BLOCK)
+    ab = tl.zeros([L_BLOCK], dtype=ACC)
+    ac = tl.zeros([L_BLOCK], dtype=ACC)
+    for l0 in range(0, n_valid, L_BLOCK):
+        a, bb, cc = _ring_coefficients(abc, L, l0 + rows, n_valid)
+        ab += a * bb
+        ac += a * cc
+    return tl.sum(ab, axis=0), tl.sum(ac, axis=0)
+
+
+@triton.jit
+def _blocked_ring_sums(U_ptr, V_ptr, abc, b, L, n_valid, slot, offs, dm, stride_Ub, stride_Ul,
+                       stride_Vb, stride_Vl, ACC: tl.constexpr, L_BLOCK: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    """Pass 2's sums over a ring of several blocks at columns ``offs``: ``sum_l b_l U_l``,
+    ``sum_l c_l U_l``, ``sum_l a_l V_l`` and ``U[slot]`` (0 unless ``slot < n_valid``)."""
+    rows = tl.arange(0, L_BLOCK)
+    bU = tl.zeros([BLOCK_D], dtype=ACC)
+    cU = tl.zeros([BLOCK_D], dtype=ACC)
+    aV = tl.zeros([BLOCK_D], dtype=ACC)
+    u_old = tl.zeros([BLOCK_D], dtype=ACC)
+    for l0 in range(0, n_valid, L_BLOCK):
+        slots = l0 + rows
+        a, bb, cc = _ring_coefficients(abc, L, slots, n_valid)
+        Ut, Vt = _ring_tiles(U_ptr, V_ptr, b, stride_Ub, stride_Ul, stride_Vb, stride_Vl, slots,
+                             offs, (slots < n_valid)[:, None] & dm[None, :])
+        Ut = Ut.to(ACC)
+        bU += tl.sum(bb[:, None] * Ut, axis=0)
+        cU += tl.sum(cc[:, None] * Ut, axis=0)
+        aV += tl.sum(a[:, None] * Vt.to(ACC), axis=0)
+        u_old += tl.sum(tl.where(slots[:, None] == slot, Ut, 0.0), axis=0)
+    return bU, cU, aV, u_old
+
+
 @triton.jit(do_not_specialize=["slot", "n_valid"])
 def _broyden_update_kernel(x_ptr, g_ptr, g_old_ptr, dx_ptr, U_ptr, V_ptr, abc_ptr, scal_ptr,
                            best_ptr, improved_ptr, active_ptr, slot, n_valid, D, L, chunk_d,
@@ -263,14 +321,9 @@ def _broyden_update_kernel(x_ptr, g_ptr, g_old_ptr, dx_ptr, U_ptr, V_ptr, abc_pt
     cols = tl.arange(0, BLOCK_D)
     abc = abc_ptr + b * stride_abc
     if MANY_BLOCKS:
-        ab = tl.zeros([L_BLOCK], dtype=ACC)
-        ac = tl.zeros([L_BLOCK], dtype=ACC)
-        for l0 in range(0, n_valid, L_BLOCK):
-            a, bb, cc = _ring_coefficients(abc, L, l0 + rows, n_valid)
-            ab += a * bb
-            ac += a * cc
-        vg = tl.sum(ab, axis=0) - tl.load(scal_ptr + b * stride_scal)
-        den = tl.sum(ac, axis=0) - tl.load(scal_ptr + b * stride_scal + 1)
+        ab, ac = _blocked_coefficient_dots(abc, L, n_valid, ACC, L_BLOCK)
+        vg = ab - tl.load(scal_ptr + b * stride_scal)
+        den = ac - tl.load(scal_ptr + b * stride_scal + 1)
         b_s = tl.load(abc + L + slot, mask=slot < n_valid, other=0.0)   # 0 until the ring wraps
     else:       # one block: its coefficients stay in registers (the same code as one tile)
         rm = rows < n_valid
@@ -289,20 +342,9 @@ def _broyden_update_kernel(x_ptr, g_ptr, g_old_ptr, dx_ptr, U_ptr, V_ptr, abc_pt
         dga = ga - tl.load(g_old_ptr + b * stride_go + offs, mask=dm, other=0.0).to(ACC)
         da = tl.load(dx_ptr + b * stride_dx + offs, mask=dm, other=0.0).to(ACC)
         if MANY_BLOCKS:
-            bU = tl.zeros([BLOCK_D], dtype=ACC)             # sum_l b_l U_l
-            cU = tl.zeros([BLOCK_D], dtype=ACC)             # sum_l c_l U_l
-            aV = tl.zeros([BLOCK_D], dtype=ACC)             # sum_l a_l V_l
-            u_old = tl.zeros([BLOCK_D], dtype=ACC)          # U[slot] (0 unless slot < n_valid)
-            for l0 in range(0, n_valid, L_BLOCK):
-                slots = l0 + rows
-                a, bb, cc = _ring_coefficients(abc, L, slots, n_valid)
-                Ut, Vt = _ring_tiles(U_ptr, V_ptr, b, stride_Ub, stride_Ul, stride_Vb, stride_Vl,
-                                     slots, offs, (slots < n_valid)[:, None] & dm[None, :])
-                Ut = Ut.to(ACC)
-                bU += tl.sum(bb[:, None] * Ut, axis=0)
-                cU += tl.sum(cc[:, None] * Ut, axis=0)
-                aV += tl.sum(a[:, None] * Vt.to(ACC), axis=0)
-                u_old += tl.sum(tl.where(slots[:, None] == slot, Ut, 0.0), axis=0)
+            bU, cU, aV, u_old = _blocked_ring_sums(U_ptr, V_ptr, abc, b, L, n_valid, slot, offs, dm,
+                                                   stride_Ub, stride_Ul, stride_Vb, stride_Vl,
+                                                   ACC, L_BLOCK, BLOCK_D)
             nhg = ga - bU
             num = (da + dga) - cU
             v = aV - da
